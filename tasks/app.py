@@ -1,0 +1,64 @@
+"""The Celery app: one factory, every reliability default chosen here."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from tasks import constants as c
+from tasks.settings import Settings
+
+SOFT_SHUTDOWN_SECONDS = 20.0
+"""On SIGTERM running tasks get this long to finish before the worker requeues them.
+
+compose.yaml's ``stop_grace_period`` is longer, so Docker never SIGKILLs a worker
+that is still handing its tasks back.
+"""
+
+
+def create_app(settings: Settings) -> Celery:
+    """Build the stack's Celery app from ``settings``."""
+    app = Celery("taskstack", broker=settings.redis_url, backend=settings.redis_url)
+    transport_options = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        task_queues=[Queue(name) for name in c.QUEUES],
+        task_default_queue=c.CPU_QUEUE,
+        task_routes={name: {"queue": c.IO_QUEUE} for name in (c.FETCH_URL, c.WAIT)},
+        # Plain tasks speak JSON only; pickle is accepted solely in HMAC-signed form.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # A task is acknowledged after it ran, not when it was received, and a
+        # message whose process died is handed back: a killed worker loses nothing.
+        # The price is at-least-once delivery, so tasks should be idempotent.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # CPU tasks are long and uneven: a process reserves one message at a time so
+        # that idle processes elsewhere can take the rest.
+        worker_prefetch_multiplier=1,
+        # Redis has no real acks: an unacked message becomes visible again after this
+        # timeout. Broker, result backend and app must agree, and it must exceed the
+        # hard time limit (enforced by Settings).
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options,
+        visibility_timeout=settings.visibility_timeout,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        result_expires=settings.result_expires,
+        result_extended=True,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_time_limit=settings.time_limit,
+        task_track_started=True,
+        # Events feed Flower's task list and throughput graphs.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # Children are replaced before leaks can pile up.
+        worker_max_tasks_per_child=settings.max_tasks_per_child,
+        worker_max_memory_per_child=settings.max_memory_per_child,
+        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_SECONDS,
+        worker_enable_soft_shutdown_on_idle=True,
+        worker_hijack_root_logger=False,
+    )
+    app.autodiscover_tasks(["tasks"], related_name="jobs", force=True)
+    return app

@@ -1,0 +1,75 @@
+"""CPU-bound work from the classic parallel-programming examples.
+
+Plain functions: the Celery tasks in :mod:`tasks.jobs` wrap them, and tests
+and benchmarks call them directly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+
+
+def count_primes(start: int, stop: int) -> int:
+    """Count the primes ``p`` with ``start <= p < stop`` by trial division."""
+    _check_range(start, stop)
+    return sum(1 for n in range(max(start, 2), stop) if _is_prime(n))
+
+
+def _is_prime(n: int) -> bool:
+    if n < 4:
+        return n >= 2
+    if n % 2 == 0:
+        return False
+    return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
+
+
+def monte_carlo_pi(samples: int, seed: int = 0) -> float:
+    """Estimate pi from ``samples`` random points in the unit square."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    rng = random.Random(seed)
+    inside = sum(1 for _ in range(samples) if rng.random() ** 2 + rng.random() ** 2 <= 1.0)
+    return 4.0 * inside / samples
+
+
+def mandelbrot_tile(
+    x0: float, y0: float, x1: float, y1: float, width: int, height: int, max_iter: int = 100
+) -> list[list[int]]:
+    """Escape iteration counts for a ``height`` x ``width`` grid over one tile of the plane."""
+    if width <= 0 or height <= 0 or max_iter <= 0:
+        raise ValueError(
+            f"width, height and max_iter must be positive, got {width}, {height}, {max_iter}"
+        )
+    xs = np.linspace(x0, x1, width)
+    ys = np.linspace(y0, y1, height)
+    c = xs[np.newaxis, :] + 1j * ys[:, np.newaxis]
+    z = np.zeros_like(c)
+    counts = np.full(c.shape, max_iter, dtype=np.int64)
+    alive = np.ones(c.shape, dtype=bool)
+    for i in range(max_iter):
+        z[alive] = z[alive] ** 2 + c[alive]
+        escaped = alive & (np.abs(z) > 2.0)
+        counts[escaped] = i
+        alive &= ~escaped
+    return [[int(v) for v in row] for row in counts]
+
+
+def matmul_trace(n: int, seed: int = 0) -> float:
+    """Trace of ``A @ B`` for two seeded random ``n`` x ``n`` matrices."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(seed)
+    a = rng.random((n, n))
+    b = rng.random((n, n))
+    return float(np.trace(a @ b))
+
+
+def _check_range(start: int, stop: int) -> None:
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if stop < start:
+        raise ValueError(f"stop ({stop}) must not be below start ({start})")

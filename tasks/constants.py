@@ -1,0 +1,34 @@
+"""Every name that crosses the wire: queues, task names, node prefixes, Redis keys.
+
+Workers, clients, Flower and the tests all read these, so renaming one here
+renames it everywhere at once.
+"""
+
+from typing import Final
+
+CPU_QUEUE: Final = "cpu"
+"""Queue consumed by the prefork worker: CPU-bound work, one process per core."""
+
+IO_QUEUE: Final = "io"
+"""Queue consumed by the threads worker: I/O-bound work, many threads per process."""
+
+QUEUES: Final = (CPU_QUEUE, IO_QUEUE)
+
+POOL_FOR_QUEUE: Final = {CPU_QUEUE: "prefork", IO_QUEUE: "threads"}
+"""The Celery pool each queue's worker runs, as ProcessPool vs ThreadPool locally."""
+
+TASK_PREFIX: Final = "tasks."
+
+COUNT_PRIMES: Final = TASK_PREFIX + "count_primes"
+MONTE_CARLO_PI: Final = TASK_PREFIX + "monte_carlo_pi"
+MANDELBROT_TILE: Final = TASK_PREFIX + "mandelbrot_tile"
+MATMUL_TRACE: Final = TASK_PREFIX + "matmul_trace"
+FETCH_URL: Final = TASK_PREFIX + "fetch_url"
+WAIT: Final = TASK_PREFIX + "wait"
+WHOAMI: Final = TASK_PREFIX + "whoami"
+COUNT_PRIMES_ON: Final = TASK_PREFIX + "count_primes_on"
+RUN_BATCH: Final = TASK_PREFIX + "run_batch"
+"""The executor's task: runs a signed batch of calls and returns their outcomes."""
+
+SIGNED_CONTENT_TYPE: Final = "application/x-taskstack-signed-pickle"
+SIGNED_SERIALIZER: Final = "taskstack-signed-pickle"

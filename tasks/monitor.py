@@ -1,0 +1,42 @@
+"""Flower entrypoint: ``taskstack-flower``, with basic auth always on.
+
+The credentials reach Flower through its own ``FLOWER_BASIC_AUTH`` variable,
+never the command line, so they do not show in ``ps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from tasks.app import create_app
+from tasks.settings import Settings, SettingsError
+
+
+def flower_argv(port: int, address: str, db: str | None) -> list[str]:
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if db:
+        argv += ["--persistent=True", f"--db={db}", "--state_save_interval=10000"]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="taskstack-flower", description=__doc__)
+    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--db", help="file that keeps Flower's state across restarts")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        settings = Settings.from_env()
+        settings.check_exposure()
+    except SettingsError as exc:
+        sys.exit(f"taskstack-flower: {exc}")
+    os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    app = create_app(settings)
+    app.start([*flower_argv(args.port, args.address, args.db), *extra])
+
+
+if __name__ == "__main__":
+    main()

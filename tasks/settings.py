@@ -1,0 +1,166 @@
+"""One typed settings object for every process of the stack.
+
+Read from the environment only at the edges (service entrypoints, scripts,
+the user's own code via :meth:`Settings.from_env`); everything else takes a
+:class:`Settings` argument.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+DEFAULT_REDIS_PASSWORD = "taskstack-local"
+DEFAULT_FLOWER_PASSWORD = "taskstack-local"
+DEFAULT_SECRET = "taskstack-local-secret"
+"""Safe only while every port is bound to loopback: see :meth:`Settings.check_exposure`."""
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _default_redis_url() -> str:
+    return f"redis://:{quote(DEFAULT_REDIS_PASSWORD)}@127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Configuration of the app, the workers and Flower.
+
+    Each field is read from the environment variable named in its metadata
+    (see :data:`ENV_VARS`).
+    """
+
+    redis_url: str = _default_redis_url()
+    """Broker and result backend, ``redis://:PASSWORD@HOST:PORT/DB``; a password is required."""
+    cpu_concurrency: int | None = None
+    """Processes of a ``cpu`` worker; ``None`` means the CPUs this process may use."""
+    io_concurrency: int = 16
+    """Threads of an ``io`` worker."""
+    soft_time_limit: float = 300.0
+    """Seconds before a task gets ``SoftTimeLimitExceeded`` and may clean up."""
+    time_limit: float = 330.0
+    """Seconds before the process running a task is killed."""
+    visibility_timeout: int = 3600
+    """Seconds an unacknowledged message stays invisible before Redis redelivers it."""
+    result_expires: int = 3600
+    """Seconds a result is kept in Redis."""
+    max_tasks_per_child: int = 1000
+    """A prefork child is replaced after this many tasks (guards against leaks)."""
+    max_memory_per_child: int = 512_000
+    """A prefork child is replaced once its resident memory exceeds this many KiB."""
+    secret: str = DEFAULT_SECRET
+    """Shared secret that signs every pickled payload (HMAC-SHA256)."""
+    flower_user: str = "admin"
+    flower_password: str = DEFAULT_FLOWER_PASSWORD
+    bind_address: str = "127.0.0.1"
+    """Host address the published ports bind to."""
+
+    def __post_init__(self) -> None:
+        url = urlsplit(self.redis_url)
+        if url.scheme not in ("redis", "rediss"):
+            raise SettingsError(
+                f"REDIS_URL must start with redis:// or rediss://, got {self.redis_url!r}"
+            )
+        if not url.password:
+            raise SettingsError(
+                "REDIS_URL has no password: use redis://:PASSWORD@HOST:PORT/DB "
+                "(the stack's Redis always requires one)"
+            )
+        _positive("WORKER_CPU_CONCURRENCY", self.cpu_concurrency)
+        _positive("WORKER_IO_CONCURRENCY", self.io_concurrency)
+        _positive("TASK_SOFT_TIME_LIMIT", self.soft_time_limit)
+        _positive("TASK_TIME_LIMIT", self.time_limit)
+        _positive("RESULT_EXPIRES", self.result_expires)
+        _positive("WORKER_MAX_TASKS_PER_CHILD", self.max_tasks_per_child)
+        _positive("WORKER_MAX_MEMORY_PER_CHILD", self.max_memory_per_child)
+        if self.soft_time_limit >= self.time_limit:
+            raise SettingsError(
+                f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
+                f"TASK_TIME_LIMIT ({self.time_limit})"
+            )
+        # A message whose task may legitimately run for time_limit seconds must not
+        # be redelivered to a second worker while the first one still runs it.
+        if self.visibility_timeout <= self.time_limit:
+            raise SettingsError(
+                f"REDIS_VISIBILITY_TIMEOUT ({self.visibility_timeout}) must exceed "
+                f"TASK_TIME_LIMIT ({self.time_limit}), or running tasks get redelivered"
+            )
+        if not self.secret:
+            raise SettingsError("TASKSTACK_SECRET must not be empty")
+        try:
+            ipaddress.ip_address(self.bind_address)
+        except ValueError:
+            raise SettingsError(
+                f"BIND_ADDRESS must be an IP address, got {self.bind_address!r}"
+            ) from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables; unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name, parse = ENV_VARS[field.name]
+            raw = env.get(name, "").strip()
+            if raw:
+                values[field.name] = _parse(name, raw, parse)
+        return cls(**values)
+
+    def check_exposure(self) -> None:
+        """Refuse to serve other hosts with a default password or secret."""
+        if ipaddress.ip_address(self.bind_address).is_loopback:
+            return
+        defaults = {
+            "REDIS_PASSWORD": urlsplit(self.redis_url).password == DEFAULT_REDIS_PASSWORD,
+            "FLOWER_PASSWORD": self.flower_password == DEFAULT_FLOWER_PASSWORD,
+            "TASKSTACK_SECRET": self.secret == DEFAULT_SECRET,
+        }
+        left = [name for name, is_default in defaults.items() if is_default]
+        if left:
+            raise SettingsError(
+                f"BIND_ADDRESS={self.bind_address} exposes the stack to other hosts, "
+                f"but {', '.join(left)} still has its public default: set your own"
+            )
+
+    @property
+    def flower_basic_auth(self) -> str:
+        return f"{self.flower_user}:{self.flower_password}"
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise SettingsError(f"{name} must be positive, got {value}")
+
+
+def _parse(name: str, raw: str, parse: Callable[[str], object]) -> object:
+    try:
+        return parse(raw)
+    except ValueError:
+        kind = getattr(parse, "__name__", "value")
+        raise SettingsError(f"{name} must be a valid {kind}, got {raw!r}") from None
+
+
+ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "redis_url": ("REDIS_URL", str),
+    "cpu_concurrency": ("WORKER_CPU_CONCURRENCY", int),
+    "io_concurrency": ("WORKER_IO_CONCURRENCY", int),
+    "soft_time_limit": ("TASK_SOFT_TIME_LIMIT", float),
+    "time_limit": ("TASK_TIME_LIMIT", float),
+    "visibility_timeout": ("REDIS_VISIBILITY_TIMEOUT", int),
+    "result_expires": ("RESULT_EXPIRES", int),
+    "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", int),
+    "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", int),
+    "secret": ("TASKSTACK_SECRET", str),
+    "flower_user": ("FLOWER_USER", str),
+    "flower_password": ("FLOWER_PASSWORD", str),
+    "bind_address": ("BIND_ADDRESS", str),
+}
+"""Settings field -> (environment variable, parser)."""
