@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import cast
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def mandelbrot_tile(
         escaped = alive & (np.abs(z) > 2.0)
         counts[escaped] = i
         alive &= ~escaped
-    return [[int(v) for v in row] for row in counts]
+    return cast(list[list[int]], counts.tolist())
 
 
 def matmul_trace(n: int, seed: int = 0) -> float:

@@ -25,16 +25,18 @@ STATE_DIR = Path(".taskstack")
 
 def redis_config(password: str, port: int, data_dir: Path) -> str:
     """A redis.conf for the stack: password, append-only file, never evict queued work."""
-    return "\n".join([
-        "bind 127.0.0.1 ::1",
-        f"port {port}",
-        f'requirepass "{password}"',
-        f'dir "{data_dir}"',
-        "appendonly yes",
-        "maxmemory-policy noeviction",
-        "save ''",
-        "",
-    ])
+    return "\n".join(
+        [
+            "bind 127.0.0.1 ::1",
+            f"port {port}",
+            f'requirepass "{password}"',
+            f'dir "{data_dir}"',
+            "appendonly yes",
+            "maxmemory-policy noeviction",
+            "save ''",
+            "",
+        ]
+    )
 
 
 def write_redis_config(settings: Settings, data_dir: Path) -> Path:
@@ -78,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings.check_exposure()
         commands: dict[str, list[str]] = {}
         if not os.environ.get("REDIS_URL"):
-            commands["redis"] = redis_command(write_redis_config(settings, args.state_dir / "redis"))
+            commands["redis"] = redis_command(
+                write_redis_config(settings, args.state_dir / "redis")
+            )
     except (SettingsError, FileNotFoundError) as exc:
         sys.exit(f"taskstack-local: {exc}")
     for queue in constants.QUEUES:
@@ -87,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     manager = Manager()
     for name, command in commands.items():
         manager.add_process(name, shlex.join(command))
-    print(f"Flower: http://127.0.0.1:{args.flower_port} (user {settings.flower_user!r})",
-          file=sys.stderr)
+    print(
+        f"Flower: http://127.0.0.1:{args.flower_port} (user {settings.flower_user!r})",
+        file=sys.stderr,
+    )
     manager.loop()
     sys.exit(manager.returncode)
 

@@ -22,6 +22,20 @@ def flower_argv(port: int, address: str, db: str | None) -> list[str]:
     return argv
 
 
+def require_auth_for_metrics() -> None:
+    """Put Flower's ``/metrics`` behind the same basic auth as every other page.
+
+    Flower serves it openly, yet it names every worker and task type; Prometheus
+    scrapes it fine with ``basic_auth`` in its scrape config. Only ``/healthcheck``
+    stays open, for container health probes.
+    """
+    from flower.views.monitor import Metrics
+    from tornado.web import authenticated
+
+    if not getattr(Metrics.get, "__wrapped__", None):
+        Metrics.get = authenticated(Metrics.get)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="taskstack-flower", description=__doc__)
     parser.add_argument("--port", type=int, default=5555)
@@ -34,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError as exc:
         sys.exit(f"taskstack-flower: {exc}")
     os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    require_auth_for_metrics()
     app = create_app(settings)
     app.start([*flower_argv(args.port, args.address, args.db), *extra])
 

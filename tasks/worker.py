@@ -49,8 +49,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # SOFT_SHUTDOWN_SECONDS to finish, then are handed back to the queue.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     app = create_app(settings)
-    app.worker_main([*worker_argv(args.queue, settings, args.hostname),
-                     f"--loglevel={args.loglevel}", *extra])
+    app.worker_main(
+        [*worker_argv(args.queue, settings, args.hostname), f"--loglevel={args.loglevel}", *extra]
+    )
 
 
 if __name__ == "__main__":

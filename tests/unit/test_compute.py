@@ -1,0 +1,63 @@
+import math
+
+import pytest
+
+from tasks import compute, iowork
+
+
+def test_count_primes_matches_known_counts() -> None:
+    assert compute.count_primes(0, 100) == 25
+    assert compute.count_primes(0, 10_000) == 1229
+    assert compute.count_primes(10, 20) == 4  # 11 13 17 19
+    assert compute.count_primes(5, 5) == 0
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "error", "message"),
+    [
+        ("0", 10, TypeError, "start must be an int, got str"),
+        (0, 1.5, TypeError, "stop must be an int, got float"),
+        (True, 10, TypeError, "start must be an int, got bool"),
+        (10, 0, ValueError, r"stop \(0\) must not be below start \(10\)"),
+    ],
+)
+def test_count_primes_rejects_bad_ranges(
+    start: object, stop: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        compute.count_primes(start, stop)  # type: ignore[arg-type]
+
+
+def test_monte_carlo_pi_is_close_and_seeded() -> None:
+    estimate = compute.monte_carlo_pi(200_000, seed=1)
+    assert abs(estimate - math.pi) < 0.02
+    assert compute.monte_carlo_pi(1000, seed=3) == compute.monte_carlo_pi(1000, seed=3)
+    with pytest.raises(ValueError, match="samples must be a positive integer"):
+        compute.monte_carlo_pi(0)
+
+
+def test_mandelbrot_tile_marks_the_set_and_its_outside() -> None:
+    tile = compute.mandelbrot_tile(-2.0, -1.0, 1.0, 1.0, width=31, height=21, max_iter=50)
+    assert len(tile) == 21 and all(len(row) == 31 for row in tile)
+    assert tile[10][20] == 50  # c = 0 never escapes
+    assert tile[0][0] < 5  # c = -2 - i escapes at once
+    with pytest.raises(ValueError, match="must be positive"):
+        compute.mandelbrot_tile(0, 0, 1, 1, 0, 1)
+
+
+def test_matmul_trace_equals_numpy() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    a, b = rng.random((8, 8)), rng.random((8, 8))
+    assert compute.matmul_trace(8, seed=5) == pytest.approx(float(np.trace(a @ b)))
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        compute.matmul_trace(-1)
+
+
+def test_io_helpers_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="url must be http"):
+        iowork.fetch_url("file:///etc/passwd")
+    with pytest.raises(ValueError, match="seconds must not be negative"):
+        iowork.wait(-1)
+    assert iowork.wait(0) == 0

@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+
+from tasks import constants
+from tasks.cpus import available_cpus, cgroup_quota
+from tasks.localstack import redis_config
+from tasks.settings import Settings, SettingsError
+from tasks.worker import worker_argv
+
+URL = "redis://:pw@redis:6379/0"
+
+
+def test_defaults_are_safe_for_loopback() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert "taskstack-local" in settings.redis_url
+    settings.check_exposure()
+
+
+def test_from_env_parses_every_type() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": URL,
+            "WORKER_CPU_CONCURRENCY": "3",
+            "TASK_SOFT_TIME_LIMIT": "9.5",
+            "TASK_TIME_LIMIT": "10",
+            "REDIS_VISIBILITY_TIMEOUT": "60",
+            "FLOWER_USER": "ops",
+            "WORKER_IO_CONCURRENCY": "",  # empty means unset, as compose passes ${VAR:-}
+        }
+    )
+    assert settings.redis_url == URL
+    assert settings.cpu_concurrency == 3
+    assert settings.soft_time_limit == 9.5
+    assert settings.io_concurrency == Settings().io_concurrency
+    assert settings.flower_basic_auth.startswith("ops:")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_URL": "redis://redis:6379/0"}, "REDIS_URL has no password"),
+        ({"REDIS_URL": "http://:pw@redis"}, "REDIS_URL must start with redis://"),
+        (
+            {"WORKER_CPU_CONCURRENCY": "two"},
+            "WORKER_CPU_CONCURRENCY must be a valid int, got 'two'",
+        ),
+        ({"WORKER_IO_CONCURRENCY": "0"}, "WORKER_IO_CONCURRENCY must be positive"),
+        ({"TASK_SOFT_TIME_LIMIT": "50", "TASK_TIME_LIMIT": "40"}, "must be below TASK_TIME_LIMIT"),
+        ({"REDIS_VISIBILITY_TIMEOUT": "100"}, "REDIS_VISIBILITY_TIMEOUT (100) must exceed"),
+        ({"BIND_ADDRESS": "everywhere"}, "BIND_ADDRESS must be an IP address"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env(env)
+    assert message in str(error.value)
+
+
+def test_exposed_stack_refuses_default_secrets() -> None:
+    exposed = Settings.from_env({"BIND_ADDRESS": "0.0.0.0"})
+    with pytest.raises(SettingsError, match="REDIS_PASSWORD, FLOWER_PASSWORD, TASKSTACK_SECRET"):
+        exposed.check_exposure()
+    Settings.from_env(
+        {
+            "BIND_ADDRESS": "0.0.0.0",
+            "REDIS_URL": URL,
+            "FLOWER_PASSWORD": "x",
+            "TASKSTACK_SECRET": "y",
+        }
+    ).check_exposure()
+
+
+def test_cgroup_quota_v2(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_quota(tmp_path) == 1.5
+    assert available_cpus(tmp_path) <= 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_quota(tmp_path) is None
+
+
+def test_cgroup_quota_v1_and_missing(tmp_path: Path) -> None:
+    assert cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert cgroup_quota(tmp_path) == 0.5
+    assert available_cpus(tmp_path) == 1
+
+
+def test_worker_argv_picks_the_pool_per_queue() -> None:
+    settings = Settings(cpu_concurrency=3, io_concurrency=12)
+    cpu = worker_argv(constants.CPU_QUEUE, settings)
+    io = worker_argv(constants.IO_QUEUE, settings)
+    assert {"--pool=prefork", "--concurrency=3", "--queues=cpu", "--hostname=cpu@%h"} <= set(cpu)
+    assert {"--pool=threads", "--concurrency=12", "--queues=io", "--hostname=io@%h"} <= set(io)
+    default = worker_argv(constants.CPU_QUEUE, Settings())
+    assert f"--concurrency={available_cpus()}" in default
+
+
+def test_redis_config_requires_the_password(tmp_path: Path) -> None:
+    config = redis_config("s3cret", 6390, tmp_path)
+    assert 'requirepass "s3cret"' in config
+    assert "appendonly yes" in config
+    assert "maxmemory-policy noeviction" in config
