@@ -6,6 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from tasks import constants as c
+from tasks.runner import SECRET_SETTING, CapacityBeacon
 from tasks.settings import Settings
 
 SOFT_SHUTDOWN_SECONDS = 20.0
@@ -60,5 +61,10 @@ def create_app(settings: Settings) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
     )
+    # Not a Celery setting: the batch task's signing key. Celery masks keys that
+    # name a SECRET when a worker's configuration is inspected (e.g. by Flower).
+    app.conf[SECRET_SETTING] = settings.secret
+    app.steps["worker"].add(CapacityBeacon)
     app.autodiscover_tasks(["tasks"], related_name="jobs", force=True)
+    app.autodiscover_tasks(["tasks"], related_name="runner", force=True)
     return app

@@ -30,5 +30,15 @@ COUNT_PRIMES_ON: Final = TASK_PREFIX + "count_primes_on"
 RUN_BATCH: Final = TASK_PREFIX + "run_batch"
 """The executor's task: runs a signed batch of calls and returns their outcomes."""
 
-SIGNED_CONTENT_TYPE: Final = "application/x-taskstack-signed-pickle"
-SIGNED_SERIALIZER: Final = "taskstack-signed-pickle"
+
+KEY_PREFIX: Final = "taskstack:"
+"""Every Redis key the stack itself creates starts with this (Celery's own keys aside)."""
+
+REPLY_KEY_PREFIX: Final = KEY_PREFIX + "reply:"
+"""``<prefix><client id>``: list where workers push an executor client's batch outcomes."""
+
+CAPACITY_KEY_PREFIX: Final = KEY_PREFIX + "capacity:"
+"""``<prefix><queue>``: hash of node -> "processes expires_at", kept fresh by each worker."""
+
+CAPACITY_TTL_SECONDS: Final = 30.0
+CAPACITY_REFRESH_SECONDS: Final = 10.0

@@ -1,0 +1,175 @@
+"""Worker side of the executor: the batch task and the capacity beacon.
+
+The batch task verifies a signed batch of calls, runs them one after the
+other in the worker process that picked it up, and pushes the outcomes to the
+client's reply list. One message carries many calls, so the per-message cost
+of Celery and Redis is paid once per batch instead of once per item.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+
+import time
+import traceback
+from typing import Any
+
+import redis
+from celery import Task, bootsteps, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from tasks import constants, wire
+from tasks.signing import SignatureError, Signer
+
+logger = logging.getLogger(__name__)
+
+SECRET_SETTING = "taskstack_secret"
+"""app.conf key holding the signing secret (Celery masks keys naming SECRET in inspect)."""
+
+REPLY_TTL_SECONDS = 24 * 3600
+"""A reply list outlives any batch; a client that vanished leaves it to expire."""
+
+_clients: dict[tuple[int, str], redis.Redis] = {}
+
+
+def _redis(url: str) -> redis.Redis:
+    """One connection pool per process: prefork children must not share their parent's."""
+    key = (os.getpid(), url)
+    if key not in _clients:
+        _clients[key] = redis.Redis.from_url(url)
+    return _clients[key]
+
+
+def run_calls(calls: wire.Batch) -> list[wire.Outcome]:
+    """Run each call, capturing its value or its exception with the traceback text."""
+    outcomes: list[wire.Outcome] = []
+    for fn, args, kwargs in calls:
+        try:
+            value = fn(*args, **kwargs) if kwargs else fn(*args)
+        except SoftTimeLimitExceeded:
+            raise  # the whole batch is out of time: let Celery record it
+        except BaseException as exc:
+            outcomes.append((False, (exc, "".join(traceback.format_exception(exc)))))
+        else:
+            outcomes.append((True, value))
+    return outcomes
+
+
+def pack_outcomes(signer: Signer, outcomes: list[wire.Outcome], seconds: float) -> bytes:
+    """Sign the outcomes; a value or exception that cannot be pickled becomes an error."""
+    try:
+        return signer.dumps((outcomes, seconds))
+    except Exception:
+        safe = [_picklable(signer, outcome) for outcome in outcomes]
+        return signer.dumps((safe, seconds))
+
+
+def _picklable(signer: Signer, outcome: wire.Outcome) -> wire.Outcome:
+    try:
+        signer.dumps(outcome)
+    except Exception as exc:
+        ok, value = outcome
+        what = f"result of type {type(value).__name__}" if ok else f"exception {value[0]!r}"
+        error = TypeError(f"the {what} could not be pickled to send back: {exc}")
+        return False, (error, "".join(traceback.format_exception(error)))
+    return outcome
+
+
+@shared_task(name=constants.RUN_BATCH, bind=True, ignore_result=True)
+def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = False) -> int:
+    """Run one signed batch and reply to ``reply_to``; returns how many calls ran."""
+    batch_id = self.request.id
+    client = _redis(self.app.conf.broker_url)
+    try:
+        if not reply_to.startswith(constants.REPLY_KEY_PREFIX):
+            raise ValueError(f"reply_to must be a {constants.REPLY_KEY_PREFIX}* key, got {reply_to!r}")
+        signer = Signer(self.app.conf[SECRET_SETTING])
+        blob = base64.b64decode(payload, validate=True)
+        calls: wire.Batch = signer.loads(blob)
+    except (SignatureError, ValueError, binascii.Error) as exc:
+        _reply(client, reply_to, wire.FAILED + json.dumps({"id": batch_id, "error": str(exc)}).encode())
+        raise
+    except Exception as exc:  # verified, but it would not unpickle here (e.g. missing module)
+        error = RuntimeError(
+            f"the workers could not load this batch: {type(exc).__name__}: {exc}. A function "
+            "travels by reference when its module is importable on the client; install that "
+            "module on the workers too, or call cloudpickle.register_pickle_by_value(module)"
+        )
+        outcomes = [(False, (error, traceback.format_exc()))]
+        _reply(client, reply_to, wire.DONE + batch_id.encode() + signer.dumps((outcomes, 0.0)))
+        raise error from exc
+    if notify_start:
+        _reply(client, reply_to, wire.STARTED + batch_id.encode())
+    started = time.perf_counter()
+    outcomes = run_calls(calls)
+    seconds = time.perf_counter() - started
+    _reply(client, reply_to, wire.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds))
+    return len(outcomes)
+
+
+def _reply(client: redis.Redis, key: str, message: bytes) -> None:
+    # The list expires like a result would, so a client that vanished leaves nothing behind.
+    with client.pipeline(transaction=False) as pipe:
+        pipe.rpush(key, message)
+        pipe.expire(key, REPLY_TTL_SECONDS)
+        pipe.execute()
+
+
+class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Publishes how many processes this worker runs for each queue it consumes.
+
+    Executor clients size their batches from the sum over live workers; an entry
+    expires unless refreshed, so a killed worker drops out by itself.
+    """
+
+    requires = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.tref: Any = None
+
+    def start(self, worker: Any) -> None:
+        self.beat(worker)
+        self.tref = worker.timer.call_repeatedly(
+            constants.CAPACITY_REFRESH_SECONDS, self.beat, (worker,), priority=10
+        )
+
+    def stop(self, worker: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+        try:
+            client = _redis(worker.app.conf.broker_url)
+            for queue in worker.app.amqp.queues.consume_from:
+                client.hdel(constants.CAPACITY_KEY_PREFIX + queue, worker.hostname)
+        except redis.RedisError:
+            logger.warning("could not withdraw capacity of %s", worker.hostname)
+
+    def beat(self, worker: Any) -> None:
+        try:
+            client = _redis(worker.app.conf.broker_url)
+            value = f"{worker.concurrency} {time.time() + constants.CAPACITY_TTL_SECONDS}"
+            for queue in worker.app.amqp.queues.consume_from:
+                client.hset(constants.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)
+        except redis.RedisError as exc:  # the broker is away: consumers reconnect on their own
+            logger.warning("capacity beacon: %s", exc)
+
+
+def capacity(client: redis.Redis, queue: str) -> int:
+    """Processes of live workers consuming ``queue``, per their beacons."""
+    now = time.time()
+    total = 0
+    for raw in client.hgetall(constants.CAPACITY_KEY_PREFIX + queue).values():
+        try:
+            processes, expires = raw.split()
+            if float(expires) > now:
+                total += int(processes)
+        except ValueError:
+            continue
+    return total
+
+
+
