@@ -10,6 +10,7 @@ behind it), so batch sizes keep adapting to the measured cost per call.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import queue
@@ -131,7 +132,9 @@ class Dispatcher:
         self._stopping = False
         self._processes = 1
         self._processes_checked = -CAPACITY_REFRESH_SECONDS
-        self._sender = threading.Thread(target=self._send_loop, name="taskstack-sender", daemon=True)
+        self._sender = threading.Thread(
+            target=self._send_loop, name="taskstack-sender", daemon=True
+        )
         self._receiver = threading.Thread(
             target=self._receive_loop, name="taskstack-receiver", daemon=True
         )
@@ -140,7 +143,9 @@ class Dispatcher:
 
     # -- intake ---------------------------------------------------------------
 
-    def call(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> ClusterFuture[R]:
+    def call(
+        self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> ClusterFuture[R]:
         future: ClusterFuture[R] = ClusterFuture()
         future._on_cancel = self._cancelled
         self._enqueue(Call(fn, args, kwargs or None, future))
@@ -210,10 +215,13 @@ class Dispatcher:
             self._stopping = True
             self._cv.notify_all()
         if wait:
-            self.drain()
-            self._close()
+            self._drain_and_close()
         else:
-            threading.Thread(target=lambda: (self.drain(), self._close()), daemon=True).start()
+            threading.Thread(target=self._drain_and_close, daemon=True).start()
+
+    def _drain_and_close(self) -> None:
+        self.drain()
+        self._close()
 
     def _close(self) -> None:
         self.redis.rpush(self.reply_key, wire.QUIT)
@@ -229,8 +237,10 @@ class Dispatcher:
             while True:
                 with self._cv:
                     self._cv.wait_for(
-                        lambda: (self._stopping and not self._pending)
-                        or (self._pending and len(self._inflight) < 2 * self._processes)
+                        lambda: (
+                            (self._stopping and not self._pending)
+                            or (self._pending and len(self._inflight) < 2 * self._processes)
+                        )
                     )
                     if not self._pending:
                         return
@@ -297,7 +307,7 @@ class Dispatcher:
     def _receive_loop(self) -> None:
         while True:
             try:
-                _, message = self.redis.blpop([self.reply_key])  # type: ignore[misc]
+                _, message = self.redis.blpop([self.reply_key])
             except redis.RedisError as exc:
                 logger.warning("reply list unreachable, retrying: %s", exc)
                 time.sleep(0.5)  # back off before reconnecting, not a wait for a result
@@ -320,7 +330,9 @@ class Dispatcher:
             with self._cv:
                 batch = self._inflight.get(notice["id"])
             if batch is not None:
-                self._settle_failure(batch, SignatureError(f"the workers refused the batch: {notice['error']}"))
+                self._settle_failure(
+                    batch, SignatureError(f"the workers refused the batch: {notice['error']}")
+                )
         elif kind == wire.DONE:
             batch_id = body[: wire.ID_SIZE].decode()
             with self._cv:
@@ -365,10 +377,8 @@ class Dispatcher:
 
 def _mark_running(future: Future[Any]) -> None:
     if not (future.running() or future.done()):
-        try:
+        with contextlib.suppress(RuntimeError):  # cancelled meanwhile
             future.set_running_or_notify_cancel()
-        except RuntimeError:  # cancelled meanwhile
-            pass
 
 
 def _settle_future(future: Future[Any], ok: bool, value: Any) -> None:
@@ -432,5 +442,3 @@ def _unwrap(ok: bool, value: Any) -> Any:
 
 def argtuples(iterables: Iterable[Iterable[Any]]) -> list[tuple[Any, ...]]:
     return list(zip(*iterables, strict=False))
-
-

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import Executor
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
 from typing import Any, ParamSpec, TypeVar
 
 from celery import Celery
@@ -126,4 +126,3 @@ class ClusterExecutor(Executor):
 
     def __enter__(self) -> ClusterExecutor:
         return self
-

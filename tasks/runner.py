@@ -13,10 +13,9 @@ import binascii
 import json
 import logging
 import os
-
 import time
 import traceback
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from celery import Task, bootsteps, shared_task
@@ -33,10 +32,10 @@ SECRET_SETTING = "taskstack_secret"
 REPLY_TTL_SECONDS = 24 * 3600
 """A reply list outlives any batch; a client that vanished leaves it to expire."""
 
-_clients: dict[tuple[int, str], redis.Redis] = {}
+_clients: dict[tuple[int, str], redis.Redis[bytes]] = {}
 
 
-def _redis(url: str) -> redis.Redis:
+def _redis(url: str) -> redis.Redis[bytes]:
     """One connection pool per process: prefork children must not share their parent's."""
     key = (os.getpid(), url)
     if key not in _clients:
@@ -86,12 +85,16 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
     client = _redis(self.app.conf.broker_url)
     try:
         if not reply_to.startswith(constants.REPLY_KEY_PREFIX):
-            raise ValueError(f"reply_to must be a {constants.REPLY_KEY_PREFIX}* key, got {reply_to!r}")
+            raise ValueError(
+                f"reply_to must be a {constants.REPLY_KEY_PREFIX}* key, got {reply_to!r}"
+            )
         signer = Signer(self.app.conf[SECRET_SETTING])
         blob = base64.b64decode(payload, validate=True)
         calls: wire.Batch = signer.loads(blob)
     except (SignatureError, ValueError, binascii.Error) as exc:
-        _reply(client, reply_to, wire.FAILED + json.dumps({"id": batch_id, "error": str(exc)}).encode())
+        _reply(
+            client, reply_to, wire.FAILED + json.dumps({"id": batch_id, "error": str(exc)}).encode()
+        )
         raise
     except Exception as exc:  # verified, but it would not unpickle here (e.g. missing module)
         error = RuntimeError(
@@ -107,11 +110,13 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
     started = time.perf_counter()
     outcomes = run_calls(calls)
     seconds = time.perf_counter() - started
-    _reply(client, reply_to, wire.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds))
+    _reply(
+        client, reply_to, wire.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds)
+    )
     return len(outcomes)
 
 
-def _reply(client: redis.Redis, key: str, message: bytes) -> None:
+def _reply(client: redis.Redis[bytes], key: str, message: bytes) -> None:
     # The list expires like a result would, so a client that vanished leaves nothing behind.
     with client.pipeline(transaction=False) as pipe:
         pipe.rpush(key, message)
@@ -126,7 +131,7 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
     expires unless refreshed, so a killed worker drops out by itself.
     """
 
-    requires = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
+    requires: ClassVar = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -158,7 +163,7 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.warning("capacity beacon: %s", exc)
 
 
-def capacity(client: redis.Redis, queue: str) -> int:
+def capacity(client: redis.Redis[bytes], queue: str) -> int:
     """Processes of live workers consuming ``queue``, per their beacons."""
     now = time.time()
     total = 0
@@ -170,6 +175,3 @@ def capacity(client: redis.Redis, queue: str) -> int:
         except ValueError:
             continue
     return total
-
-
-

@@ -36,7 +36,7 @@ class Signer:
 
     def dumps(self, obj: Any) -> bytes:
         """Pickle ``obj`` (by value where it cannot be imported) and sign it."""
-        payload = cloudpickle.dumps(obj, protocol=_PROTOCOL)
+        payload: bytes = cloudpickle.dumps(obj, protocol=_PROTOCOL)
         return self._tag(payload) + payload
 
     def loads(self, blob: bytes) -> Any:

@@ -1,0 +1,84 @@
+"""A joblib backend over the cluster: ``joblib.parallel_config(backend="taskstack")``.
+
+joblib keeps doing what it does with any backend (it groups calls into
+batches and tunes the batch size from measured durations); each of its
+batches becomes one :meth:`ClusterExecutor.submit`, and batches submitted in a
+burst share messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from joblib import register_parallel_backend
+from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+
+from tasks import constants
+from tasks.executor import ClusterExecutor
+from tasks.settings import Settings
+
+BACKEND_NAME = "taskstack"
+
+
+class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
+    """joblib backend; ``settings`` and ``queue`` come from ``parallel_config(...)``."""
+
+    supports_retrieve_callback = True
+    supports_timeout = True
+    default_n_jobs = -1
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        queue: str = constants.CPU_QUEUE,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._settings = settings
+        self._queue = queue
+        self._executor: ClusterExecutor | None = None
+
+    def _get_executor(self) -> ClusterExecutor:
+        if self._executor is None:
+            self._executor = ClusterExecutor(self._settings, queue=self._queue)
+        return self._executor
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None or n_jobs < 0:
+            return self._get_executor().processes
+        return n_jobs
+
+    def configure(self, n_jobs: int = 1, parallel: Any = None, **kwargs: Any) -> int:
+        self.parallel = parallel
+        return self.effective_n_jobs(n_jobs)
+
+    def submit(
+        self, func: Callable[[], Any], callback: Callable[[Any], None] | None = None
+    ) -> Future[Any]:
+        future = self._get_executor().submit(func)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def retrieve_result_callback(self, future: Future[Any]) -> Any:
+        return future.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def terminate(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.reset_batch_stats()
+
+
+def register() -> None:
+    """Make ``backend="taskstack"`` available to joblib (done on ``import tasks``)."""
+    register_parallel_backend(BACKEND_NAME, ClusterBackend)
