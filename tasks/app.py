@@ -58,7 +58,6 @@ def create_app(settings: Settings) -> Celery:
         worker_max_tasks_per_child=settings.max_tasks_per_child,
         worker_max_memory_per_child=settings.max_memory_per_child,
         worker_soft_shutdown_timeout=SOFT_SHUTDOWN_SECONDS,
-        worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
     )
     # Not a Celery setting: the batch task's signing key. Celery masks keys that

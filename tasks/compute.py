@@ -68,6 +68,19 @@ def matmul_trace(n: int, seed: int = 0) -> float:
     return float(np.trace(a @ b))
 
 
+def spin(iterations: int) -> int:
+    """Busy CPU work of a chosen size (the benchmarks calibrate ``iterations`` to a duration)."""
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return total
+
+
+def noop(x: object = None) -> object:
+    """Return ``x``: a call whose cost is all overhead."""
+    return x
+
+
 def _check_range(start: int, stop: int) -> None:
     for name, value in (("start", start), ("stop", stop)):
         if isinstance(value, bool) or not isinstance(value, int):

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R")
 
 CAPACITY_REFRESH_SECONDS = 2.0
+CANCELLED = -1
+"""Position of the event that tells a map's iterator its job was cancelled."""
 
 
 class RemoteTraceback(Exception):
@@ -95,6 +97,12 @@ class MapJob:
     def unsent(self) -> int:
         return len(self.argtuples) - self.sent
 
+    def cancel(self) -> None:
+        """No more chunks are sent; whoever iterates the results gets CancelledError."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.events.put((CANCELLED, []))
+
 
 @dataclass(eq=False)
 class InFlight:
@@ -138,6 +146,7 @@ class Dispatcher:
         self._receiver = threading.Thread(
             target=self._receive_loop, name="taskstack-receiver", daemon=True
         )
+        self._refresh_capacity()
         self._sender.start()
         self._receiver.start()
 
@@ -203,7 +212,7 @@ class Dispatcher:
             if isinstance(work, Call):
                 work.future.cancel()
             else:
-                work.cancelled = True
+                work.cancel()
 
     def drain(self) -> None:
         """Block until nothing is pending or in flight."""
@@ -218,6 +227,23 @@ class Dispatcher:
             self._drain_and_close()
         else:
             threading.Thread(target=self._drain_and_close, daemon=True).start()
+
+    def abort(self) -> None:
+        """Stop now: cancel pending work, revoke what was sent, settle nothing more."""
+        self.cancel_pending()
+        with self._cv:
+            self._stopping = True
+            inflight = list(self._inflight.values())
+            self._inflight.clear()
+            self._cv.notify_all()
+        for batch in inflight:
+            for call in batch.calls:
+                call.future.cancel()
+            if batch.job is not None:
+                batch.job.cancel()
+        if inflight:
+            self.app.control.revoke([batch.id for batch in inflight])
+        self._close()
 
     def _drain_and_close(self) -> None:
         self.drain()
@@ -307,11 +333,15 @@ class Dispatcher:
     def _receive_loop(self) -> None:
         while True:
             try:
-                _, message = self.redis.blpop([self.reply_key])
+                # Blocks server-side; the 1 s bound keeps it below redis-py's socket timeout.
+                popped = self.redis.blpop([self.reply_key], timeout=1)
             except redis.RedisError as exc:
                 logger.warning("reply list unreachable, retrying: %s", exc)
                 time.sleep(0.5)  # back off before reconnecting, not a wait for a result
                 continue
+            if popped is None:
+                continue
+            message = popped[1]
             kind, body = message[:1], message[1:]
             if kind == wire.QUIT:
                 return
@@ -428,9 +458,12 @@ def unordered(
 def _next_chunk(job: MapJob, deadline: float | None) -> tuple[int, list[wire.Outcome]]:
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
-        return job.events.get(timeout=timeout)
+        first, outcomes = job.events.get(timeout=timeout)
     except queue.Empty:
         raise TimeoutError("results not ready within the timeout") from None
+    if first == CANCELLED:
+        raise CancelledError("the map was cancelled before all its results arrived")
+    return first, outcomes
 
 
 def _unwrap(ok: bool, value: Any) -> Any:

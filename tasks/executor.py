@@ -124,5 +124,13 @@ class ClusterExecutor(Executor):
         if self._owns_app and wait:
             self._app.close()
 
+    def terminate(self) -> None:
+        """Stop at once: unsent work is cancelled, sent work revoked, nothing more settles."""
+        if not self._shutdown:
+            self._shutdown = True
+            self._dispatcher.abort()
+            if self._owns_app:
+                self._app.close()
+
     def __enter__(self) -> ClusterExecutor:
         return self

@@ -69,7 +69,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.terminate()
             self._executor = None
 
     def terminate(self) -> None:

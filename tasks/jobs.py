@@ -43,6 +43,16 @@ def matmul_trace(n: int, seed: int = 0) -> float:
     return compute.matmul_trace(n, seed)
 
 
+@shared_task(name=constants.SPIN)
+def spin(iterations: int) -> int:
+    return compute.spin(iterations)
+
+
+@shared_task(name=constants.NOOP)
+def noop(x: Any = None) -> Any:
+    return compute.noop(x)
+
+
 @shared_task(name=constants.FETCH_URL)
 def fetch_url(url: str, timeout: float = 10.0) -> dict[str, Any]:
     return dataclasses.asdict(iowork.fetch_url(url, timeout))

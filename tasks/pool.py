@@ -196,7 +196,7 @@ class Pool:
     def terminate(self) -> None:
         """Drop work not yet sent, and stop without waiting for the rest."""
         self._state = "TERMINATE"
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.terminate()
 
     def join(self) -> None:
         if self._state == "RUN":

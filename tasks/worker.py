@@ -40,14 +40,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hostname", default="%h", help="node name after '<queue>@'")
     parser.add_argument("--loglevel", default="INFO")
     args, extra = parser.parse_known_args(argv)
+    if os.environ.get("REMAP_SIGTERM") != "SIGQUIT":
+        # SIGTERM (docker stop) must start a soft shutdown: running tasks get
+        # SOFT_SHUTDOWN_SECONDS to finish, then go back to the queue. Celery reads
+        # this variable when it is imported, so set it and start afresh (same PID).
+        env = {**os.environ, "REMAP_SIGTERM": "SIGQUIT"}
+        os.execve(sys.executable, [sys.executable, "-m", "tasks.worker", *sys.argv[1:]], env)
     try:
         settings = Settings.from_env()
         settings.check_exposure()
     except SettingsError as exc:
         sys.exit(f"taskstack-worker: {exc}")
-    # SIGTERM (docker stop) starts a soft shutdown: running tasks get
-    # SOFT_SHUTDOWN_SECONDS to finish, then are handed back to the queue.
-    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     app = create_app(settings)
     app.worker_main(
         [*worker_argv(args.queue, settings, args.hostname), f"--loglevel={args.loglevel}", *extra]

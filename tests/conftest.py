@@ -166,6 +166,8 @@ def start_worker(redis_server: Settings, logs_dir: Path) -> Iterator[Callable[..
 
     yield factory
     for worker in started:
+        worker.service.process.terminate()
+    for worker in started:
         worker.service.stop()
     probe.close()
 

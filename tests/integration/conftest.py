@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tasks import ClusterExecutor, constants
+from tasks.settings import Settings
+from tests.conftest import Worker
+
+
+@pytest.fixture
+def executor(redis_server: Settings, cpu_worker: Worker) -> Iterator[ClusterExecutor]:
+    with ClusterExecutor(redis_server) as ex:
+        yield ex
+
+
+@pytest.fixture
+def io_executor(redis_server: Settings, io_worker: Worker) -> Iterator[ClusterExecutor]:
+    with ClusterExecutor(redis_server, queue=constants.IO_QUEUE) as ex:
+        yield ex

@@ -1,0 +1,35 @@
+"""The joblib backend against real workers."""
+
+from __future__ import annotations
+
+import joblib
+import pytest
+
+from tasks import JOBLIB_BACKEND
+from tasks.settings import Settings
+from tests.conftest import Worker
+from tests.integration import work
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def test_parallel_matches_sequential(redis_server: Settings, cpu_worker: Worker) -> None:
+    expected = [work.add(x, 3) for x in range(500)]
+    with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
+        got = joblib.Parallel(n_jobs=-1)(joblib.delayed(work.add)(x, b=3) for x in range(500))
+    assert got == expected
+
+
+def test_parallel_generator_and_errors(redis_server: Settings, cpu_worker: Worker) -> None:
+    with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server, n_jobs=2):
+        gen = joblib.Parallel(return_as="generator")(
+            joblib.delayed(work.square)(x) for x in range(20)
+        )
+        assert list(gen) == [x * x for x in range(20)]
+        with pytest.raises(ZeroDivisionError):
+            joblib.Parallel()(joblib.delayed(work.inverse)(x) for x in [1, 0, 2])
+
+
+def test_n_jobs_minus_one_is_the_cluster_size(redis_server: Settings, cpu_worker: Worker) -> None:
+    with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
+        assert joblib.effective_n_jobs(-1) == 2

@@ -1,0 +1,63 @@
+"""Functions the tests run on the workers (importable there, so they travel by reference)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import redis
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def inverse(x: float) -> float:
+    return 1 / x
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def hold(redis_url: str, gate: str, timeout: float = 30) -> str:
+    """Block until ``gate`` is pushed to, occupying this worker process."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=timeout + 5)
+    client.blpop([gate], timeout=timeout)
+    return "released"
+
+
+def mark(redis_url: str, key: str) -> str:
+    redis.Redis.from_url(redis_url).set(key, "ran")
+    return "marked"
+
+
+@dataclass(frozen=True)
+class Point:
+    x: float
+    y: float
+
+
+def norm(p: Point) -> Point:
+    length = (p.x**2 + p.y**2) ** 0.5
+    return Point(p.x / length, p.y / length)
+
+
+class Unpicklable(Exception):
+    def __reduce__(self) -> object:
+        raise TypeError("not today")
+
+
+def fail_oddly() -> None:
+    raise Unpicklable("custom")
