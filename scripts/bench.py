@@ -93,10 +93,20 @@ def private_stack(processes: int) -> Iterator[Settings]:
         wait(lambda: capacity(client, constants.CPU_QUEUE) >= processes, "the cpu worker")
         yield settings
     finally:
-        for child in reversed(children):
+        for child in reversed(children):  # the worker first: it hands work back to Redis
             child.terminate()
-        for child in reversed(children):
-            child.wait(60)
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                log.flush()
+                tail = (tmp / "stack.log").read_text(errors="replace").splitlines()[-30:]
+                print(
+                    f"bench: {child.args[0]} ignored SIGTERM; its log ends:",
+                    *tail,
+                    sep="\n",
+                    file=sys.stderr,
+                )
         client.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import math
 import random
-from typing import cast
+import socket
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def count_primes(start: int, stop: int) -> int:
@@ -66,6 +70,11 @@ def matmul_trace(n: int, seed: int = 0) -> float:
     a = rng.random((n, n))
     b = rng.random((n, n))
     return float(np.trace(a @ b))
+
+
+def located(fn: Callable[..., T], *args: Any) -> tuple[T, str]:
+    """``fn(*args)`` together with the host that ran it, for per-host tallies."""
+    return fn(*args), socket.gethostname()
 
 
 def spin(iterations: int) -> int:
