@@ -1,0 +1,70 @@
+import time
+
+import pytest
+
+from tasks.batching import BatchSizer
+from tasks.dispatch import MapJob, ordered, unordered
+
+
+def test_guided_batches_shrink_towards_the_end() -> None:
+    sizer = BatchSizer()
+    remaining, sizes = 1000, []
+    while remaining:
+        sizes.append(sizer.size(remaining, processes=2))
+        remaining -= sizes[-1]
+    assert sizes[0] == 250  # a quarter: one of two batches in flight per process
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[-1] == 1  # the tail is fine-grained: no straggling batch
+    assert sum(sizes) == 1000
+
+
+def test_measured_cost_sets_a_floor_and_a_ceiling() -> None:
+    sizer = BatchSizer(min_seconds=0.02, max_seconds=2.0)
+    sizer.observe("cheap", calls=1000, seconds=0.1)  # 0.1 ms per call
+    assert sizer.cost("cheap") == pytest.approx(1e-4)
+    assert sizer.size(10, processes=2, key="cheap") == 10  # never more than remaining
+    assert sizer.size(5000, processes=2, key="cheap") == 1250
+    assert sizer.size(600, processes=2, key="cheap") == 200  # floor: 20 ms of work
+    sizer.observe("slow", calls=2, seconds=2.0)  # 1 s per call
+    assert sizer.size(100, processes=2, key="slow") == 2  # ceiling: 2 s of work
+    assert sizer.size(3, processes=2, key="slow") == 1
+
+
+def test_cost_estimate_is_smoothed() -> None:
+    sizer = BatchSizer(smoothing=0.5)
+    sizer.observe("f", 10, 1.0)
+    sizer.observe("f", 10, 3.0)
+    assert sizer.cost("f") == pytest.approx(0.2)
+    sizer.observe("f", 0, 1.0)  # an empty batch says nothing
+    assert sizer.cost("f") == pytest.approx(0.2)
+
+
+def test_ordered_waits_for_gaps_and_unordered_does_not() -> None:
+    job = MapJob(abs, [(i,) for i in range(5)])
+    job.events.put((3, [(True, 3), (True, 4)]))
+    job.events.put((0, [(True, 0), (True, 1), (True, 2)]))
+    assert list(ordered(job, deadline=None)) == [0, 1, 2, 3, 4]
+    job = MapJob(abs, [(i,) for i in range(5)])
+    job.events.put((3, [(True, 3), (True, 4)]))
+    job.events.put((0, [(True, 0), (True, 1), (True, 2)]))
+    assert list(unordered(job, deadline=None)) == [3, 4, 0, 1, 2]
+
+
+def test_results_raise_errors_timeouts_and_cancellation() -> None:
+    from concurrent.futures import CancelledError
+
+    job = MapJob(abs, [(0,), (1,)])
+    job.events.put((0, [(True, "a"), (False, (KeyError("k"), "remote tb"))]))
+    results = ordered(job, deadline=None)
+    assert next(results) == "a"
+    with pytest.raises(KeyError) as raised:
+        next(results)
+    assert "remote tb" in str(raised.value.__cause__)
+
+    with pytest.raises(TimeoutError):
+        list(ordered(MapJob(abs, [(0,)]), deadline=time.monotonic() + 0.05))
+
+    cancelled = MapJob(abs, [(0,)])
+    cancelled.cancel()
+    with pytest.raises(CancelledError):
+        list(ordered(cancelled, deadline=None))
