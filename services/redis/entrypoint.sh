@@ -1,0 +1,33 @@
+#!/bin/sh
+# Starts redis-server with the password from REDIS_PASSWORD. The password goes
+# into an include file, never onto a command line: `ps` on the host lists the
+# container's processes with their arguments.
+set -eu
+
+if [ -z "${REDIS_PASSWORD:-}" ]; then
+  echo "taskstack-redis: REDIS_PASSWORD is empty; refusing to start a Redis without a password" >&2
+  exit 1
+fi
+# Same rule as tasks.settings.Settings.check_exposure: the public default
+# password is only acceptable while the published port stays on loopback.
+case "${BIND_ADDRESS:-127.0.0.1}" in
+  127.* | ::1) ;;
+  *)
+    if [ "$REDIS_PASSWORD" = taskstack-local ]; then
+      echo "taskstack-redis: BIND_ADDRESS=$BIND_ADDRESS exposes Redis to other hosts," \
+           "but REDIS_PASSWORD still has its public default: set your own" >&2
+      exit 1
+    fi
+    ;;
+esac
+
+auth_file=/tmp/taskstack-redis-auth.conf
+umask 077
+rm -f "$auth_file"
+# Inside a double-quoted config value, backslash and double quote need escaping.
+# printf is a shell builtin and sed reads the password from stdin: no argv.
+printf '%s' "$REDIS_PASSWORD" | sed 's/[\\"]/\\&/g; s/^/requirepass "/; s/$/"/' > "$auth_file"
+unset REDIS_PASSWORD
+
+# exec: redis-server becomes PID 1 and gets docker stop's SIGTERM itself.
+exec redis-server /usr/local/etc/redis/redis.conf --include "$auth_file" "$@"
