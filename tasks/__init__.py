@@ -13,6 +13,7 @@ from tasks.executor import ClusterExecutor
 from tasks.joblib_backend import BACKEND_NAME as JOBLIB_BACKEND
 from tasks.joblib_backend import ClusterBackend, register
 from tasks.pool import AsyncResult, Pool
+from tasks.runner import PayloadTooLarge
 from tasks.settings import Settings, SettingsError
 from tasks.signing import SignatureError, Signer
 
@@ -25,6 +26,7 @@ __all__ = [
     "ClusterBackend",
     "ClusterExecutor",
     "ClusterFuture",
+    "PayloadTooLarge",
     "Pool",
     "RemoteTraceback",
     "Settings",

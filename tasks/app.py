@@ -6,7 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from tasks import constants as c
-from tasks.runner import SECRET_SETTING, CapacityBeacon
+from tasks.runner import MAX_PAYLOAD_SETTING, SECRET_SETTING, CapacityBeacon
 from tasks.settings import Settings
 
 SOFT_SHUTDOWN_SECONDS = 20.0
@@ -35,6 +35,12 @@ def create_app(settings: Settings) -> Celery:
         # The price is at-least-once delivery, so tasks should be idempotent.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # ...but a task that kills its process every time (a poison task) must not
+        # loop forever: after max_retries (3) lost processes it is recorded as
+        # FAILURE (WorkerLostError) and acknowledged, and the queue moves on.
+        task_retry_on_worker_lost=True,
+        # Celery's 180 s default would hold a lost task back for minutes.
+        task_annotations={"*": {"default_retry_delay": 1}},
         # CPU tasks are long and uneven: a process reserves one message at a time so
         # that idle processes elsewhere can take the rest.
         worker_prefetch_multiplier=1,
@@ -63,6 +69,7 @@ def create_app(settings: Settings) -> Celery:
     # Not a Celery setting: the batch task's signing key. Celery masks keys that
     # name a SECRET when a worker's configuration is inspected (e.g. by Flower).
     app.conf[SECRET_SETTING] = settings.secret
+    app.conf[MAX_PAYLOAD_SETTING] = settings.max_payload_bytes
     app.steps["worker"].add(CapacityBeacon)
     app.autodiscover_tasks(["tasks"], related_name="jobs", force=True)
     app.autodiscover_tasks(["tasks"], related_name="runner", force=True)

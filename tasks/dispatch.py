@@ -25,10 +25,11 @@ from typing import Any, Generic, TypeVar
 
 import redis
 from celery import Celery
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
 from tasks import constants, wire
 from tasks.batching import BatchSizer
-from tasks.runner import capacity
+from tasks.runner import PayloadTooLarge, capacity
 from tasks.signing import SignatureError, Signer
 
 logger = logging.getLogger(__name__)
@@ -126,11 +127,17 @@ class Dispatcher:
     """Batches work for one Celery queue and settles it as replies arrive."""
 
     def __init__(
-        self, app: Celery, secret: str, queue_name: str, sizer: BatchSizer | None = None
+        self,
+        app: Celery,
+        secret: str,
+        queue_name: str,
+        sizer: BatchSizer | None = None,
+        max_payload_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.app = app
         self.queue = queue_name
         self.signer = Signer(secret)
+        self.max_payload_bytes = max_payload_bytes
         self.sizer = sizer or BatchSizer()
         self.redis = redis.Redis.from_url(app.conf.broker_url)
         self.reply_key = constants.REPLY_KEY_PREFIX + uuid.uuid4().hex
@@ -276,7 +283,14 @@ class Dispatcher:
                     batch, calls = carved
                     self._inflight[batch.id] = batch
                 try:
-                    payload = base64.b64encode(self.signer.dumps(calls)).decode()
+                    blob = self.signer.dumps(calls)
+                    if len(blob) > self.max_payload_bytes:
+                        raise PayloadTooLarge(
+                            f"a batch of {batch.size} call(s) pickles to {len(blob):,} bytes, over "
+                            f"MAX_PAYLOAD_BYTES={self.max_payload_bytes:,}: pass smaller "
+                            "arguments (e.g. a path or key instead of the data itself)"
+                        )
+                    payload = base64.b64encode(blob).decode()
                     self.app.send_task(
                         constants.RUN_BATCH,
                         kwargs={
@@ -360,9 +374,7 @@ class Dispatcher:
             with self._cv:
                 batch = self._inflight.get(notice["id"])
             if batch is not None:
-                self._settle_failure(
-                    batch, SignatureError(f"the workers refused the batch: {notice['error']}")
-                )
+                self._settle_failure(batch, batch_failure(notice))
         elif kind == wire.DONE:
             batch_id = body[: wire.ID_SIZE].decode()
             with self._cv:
@@ -403,6 +415,23 @@ class Dispatcher:
             batch.job.events.put((batch.first, [outcome] * batch.size))
         for call in batch.calls:
             _settle_future(call.future, False, (exc, ""))
+
+
+def batch_failure(notice: dict[str, str]) -> BaseException:
+    """The exception for a batch the workers refused or lost, from their plain-text notice."""
+    kind, error = notice.get("type", ""), notice.get("error", "")
+    if kind == "SignatureError":
+        return SignatureError(f"the workers refused the batch: {error}")
+    if kind == "WorkerLostError":
+        lost: BaseException = WorkerLostError(
+            f"the worker process running this batch died each time it ran it ({error}); "
+            "it was given up after Celery's retries"
+        )
+        return lost
+    if kind == "TimeLimitExceeded":
+        late: BaseException = TimeLimitExceeded(f"the batch ran past TASK_TIME_LIMIT ({error})")
+        return late
+    return RuntimeError(f"the workers could not run the batch: {kind}: {error}")
 
 
 def _mark_running(future: Future[Any]) -> None:

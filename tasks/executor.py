@@ -47,7 +47,9 @@ class ClusterExecutor(Executor):
         self._settings = settings or Settings.from_env()
         self._app = app or create_app(self._settings)
         self._owns_app = app is None
-        self._dispatcher = Dispatcher(self._app, self._settings.secret, queue, sizer)
+        self._dispatcher = Dispatcher(
+            self._app, self._settings.secret, queue, sizer, self._settings.max_payload_bytes
+        )
         self._shutdown = False
 
     @property

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import redis
 from celery import Task, bootsteps, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import task_failure
 
 from tasks import constants, wire
 from tasks.signing import SignatureError, Signer
@@ -28,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 SECRET_SETTING = "taskstack_secret"
 """app.conf key holding the signing secret (Celery masks keys naming SECRET in inspect)."""
+MAX_PAYLOAD_SETTING = "taskstack_max_payload_bytes"
+
+
+class PayloadTooLarge(ValueError):
+    """A batch is larger than MAX_PAYLOAD_BYTES."""
+
 
 REPLY_TTL_SECONDS = 24 * 3600
 """A reply list outlives any batch; a client that vanished leaves it to expire."""
@@ -89,12 +96,16 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
                 f"reply_to must be a {constants.REPLY_KEY_PREFIX}* key, got {reply_to!r}"
             )
         signer = Signer(self.app.conf[SECRET_SETTING])
+        limit = self.app.conf[MAX_PAYLOAD_SETTING]
+        if len(payload) * 3 // 4 > limit:  # checked before decoding anything
+            raise PayloadTooLarge(
+                f"batch payload of about {len(payload) * 3 // 4:,} bytes exceeds "
+                f"MAX_PAYLOAD_BYTES={limit:,}"
+            )
         blob = base64.b64decode(payload, validate=True)
         calls: wire.Batch = signer.loads(blob)
     except (SignatureError, ValueError, binascii.Error) as exc:
-        _reply(
-            client, reply_to, wire.FAILED + json.dumps({"id": batch_id, "error": str(exc)}).encode()
-        )
+        _reply_failed(client, reply_to, batch_id, exc)
         raise
     except Exception as exc:  # verified, but it would not unpickle here (e.g. missing module)
         error = RuntimeError(
@@ -114,6 +125,40 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
         client, reply_to, wire.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds)
     )
     return len(outcomes)
+
+
+def _reply_failed(
+    client: redis.Redis[bytes], reply_to: str, batch_id: str, exc: BaseException
+) -> None:
+    notice = {"id": batch_id, "type": type(exc).__name__, "error": str(exc)}
+    _reply(client, reply_to, wire.FAILED + json.dumps(notice).encode())
+    exc.__dict__["taskstack_replied"] = True
+
+
+@task_failure.connect
+def _batch_failed(
+    sender: Task | None = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    kwargs: dict[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    """A batch that failed as a whole still answers its client.
+
+    Celery records lost processes (after the retries), hard time limits and the
+    like as failures without running the task body to its end: without this
+    reply the client's futures would wait forever.
+    """
+    if sender is None or sender.name != constants.RUN_BATCH or exception is None:
+        return
+    if getattr(exception, "__dict__", {}).get("taskstack_replied"):
+        return
+    reply_to = (kwargs or {}).get("reply_to", "")
+    if task_id and reply_to.startswith(constants.REPLY_KEY_PREFIX):
+        try:
+            _reply_failed(_redis(sender.app.conf.broker_url), reply_to, task_id, exception)
+        except redis.RedisError:
+            logger.exception("could not tell %s that batch %s failed", reply_to, task_id)
 
 
 def _reply(client: redis.Redis[bytes], key: str, message: bytes) -> None:

@@ -56,6 +56,8 @@ class Settings:
     """A prefork child is replaced after this many tasks (guards against leaks)."""
     max_memory_per_child: int = 512_000
     """A prefork child is replaced once its resident memory exceeds this many KiB."""
+    max_payload_bytes: int = 16 * 1024 * 1024
+    """Largest signed batch (functions, arguments) a client sends or a worker accepts."""
     secret: str = DEFAULT_SECRET
     """Shared secret that signs every pickled payload (HMAC-SHA256)."""
     flower_user: str = "admin"
@@ -81,6 +83,7 @@ class Settings:
         _positive("RESULT_EXPIRES", self.result_expires)
         _positive("WORKER_MAX_TASKS_PER_CHILD", self.max_tasks_per_child)
         _positive("WORKER_MAX_MEMORY_PER_CHILD", self.max_memory_per_child)
+        _positive("MAX_PAYLOAD_BYTES", self.max_payload_bytes)
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -158,6 +161,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "result_expires": ("RESULT_EXPIRES", int),
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", int),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", int),
+    "max_payload_bytes": ("MAX_PAYLOAD_BYTES", int),
     "secret": ("TASKSTACK_SECRET", str),
     "flower_user": ("FLOWER_USER", str),
     "flower_password": ("FLOWER_PASSWORD", str),

@@ -6,8 +6,10 @@ one Redis ``RPUSH`` each, and start with a one-byte kind:
 
 - ``S`` + batch id: the batch started running (futures become *running*);
 - ``D`` + batch id + signed pickle of ``(outcomes, seconds)``: the batch ran;
-- ``F`` + JSON ``{"id", "error"}``: the batch was refused before anything of
-  it was unpickled (bad signature, malformed message); plain text only;
+- ``F`` + JSON ``{"id", "type", "error"}``: the batch was refused before
+  anything of it was unpickled (bad signature, malformed message), or it
+  failed as a whole (its process died every time it ran, it hit the hard time
+  limit); plain text only, never a pickle;
 - ``Q``: the client's own wake-up call at shutdown.
 """
 

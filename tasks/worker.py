@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from tasks import constants
 from tasks.app import create_app
 from tasks.cpus import available_cpus
+from tasks.hardening import tolerate_malformed_messages
 from tasks.settings import Settings, SettingsError
 
 
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings.check_exposure()
     except SettingsError as exc:
         sys.exit(f"taskstack-worker: {exc}")
+    tolerate_malformed_messages()
     app = create_app(settings)
     app.worker_main(
         [*worker_argv(args.queue, settings, args.hostname), f"--loglevel={args.loglevel}", *extra]
