@@ -355,7 +355,7 @@ class Dispatcher:
                 continue
             if popped is None:
                 continue
-            message = popped[1]
+            message: bytes = popped[1]  # type: ignore[assignment]  # no decode_responses
             kind, body = message[:1], message[1:]
             if kind == wire.QUIT:
                 return

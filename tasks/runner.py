@@ -39,10 +39,10 @@ class PayloadTooLarge(ValueError):
 REPLY_TTL_SECONDS = 24 * 3600
 """A reply list outlives any batch; a client that vanished leaves it to expire."""
 
-_clients: dict[tuple[int, str], redis.Redis[bytes]] = {}
+_clients: dict[tuple[int, str], redis.Redis] = {}
 
 
-def _redis(url: str) -> redis.Redis[bytes]:
+def _redis(url: str) -> redis.Redis:
     """One connection pool per process: prefork children must not share their parent's."""
     key = (os.getpid(), url)
     if key not in _clients:
@@ -128,7 +128,7 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
 
 
 def _reply_failed(
-    client: redis.Redis[bytes], reply_to: str, batch_id: str, exc: BaseException
+    client: redis.Redis, reply_to: str, batch_id: str, exc: BaseException
 ) -> None:
     notice = {"id": batch_id, "type": type(exc).__name__, "error": str(exc)}
     _reply(client, reply_to, wire.FAILED + json.dumps(notice).encode())
@@ -161,7 +161,7 @@ def _batch_failed(
             logger.exception("could not tell %s that batch %s failed", reply_to, task_id)
 
 
-def _reply(client: redis.Redis[bytes], key: str, message: bytes) -> None:
+def _reply(client: redis.Redis, key: str, message: bytes) -> None:
     # The list expires like a result would, so a client that vanished leaves nothing behind.
     with client.pipeline(transaction=False) as pipe:
         pipe.rpush(key, message)
@@ -208,7 +208,7 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.warning("capacity beacon: %s", exc)
 
 
-def capacity(client: redis.Redis[bytes], queue: str) -> int:
+def capacity(client: redis.Redis, queue: str) -> int:
     """Processes of live workers consuming ``queue``, per their beacons."""
     now = time.time()
     total = 0
