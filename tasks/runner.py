@@ -56,8 +56,11 @@ def run_calls(calls: wire.Batch) -> list[wire.Outcome]:
     for fn, args, kwargs in calls:
         try:
             value = fn(*args, **kwargs) if kwargs else fn(*args)
-        except SoftTimeLimitExceeded:
-            raise  # the whole batch is out of time: let Celery record it
+        except (SoftTimeLimitExceeded, SystemExit, KeyboardInterrupt):
+            # The batch is out of time, or the worker is stopping this process (a
+            # cold shutdown raises SystemExit here): Celery requeues or records the
+            # batch as a whole; it is no outcome of the call.
+            raise
         except BaseException as exc:
             outcomes.append((False, (exc, "".join(traceback.format_exception(exc)))))
         else:

@@ -62,3 +62,12 @@ def test_unpicklable_results_become_clear_errors() -> None:
     assert outcomes[0] == (True, 1)
     ok, (exc, _) = outcomes[1]
     assert not ok and "result of type generator could not be pickled" in str(exc)
+
+
+def test_stopping_the_process_is_not_an_outcome_of_the_call() -> None:
+    import sys
+
+    import pytest as _pytest
+
+    with _pytest.raises(SystemExit):
+        run_calls([(sys.exit, (3,), None)])
