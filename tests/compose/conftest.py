@@ -1,13 +1,25 @@
-"""The compose tier's stack: built and started once per module from compose.yaml."""
+"""The compose tier's stacks: built and started from compose.yaml, one project each.
+
+``stack`` is the stack as users run it (defaults, three cpu workers), shared by a
+module. :func:`new_stack` and :func:`running` let a module start one with other
+settings, e.g. short timeouts (``new_stack("taskstack-faults",
+REDIS_VISIBILITY_TIMEOUT="45", ...)``). The reliability report that
+tests/compose/test_faults.py fills in is collected here and printed (and
+written to docs/reliability/) at the end of the session.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,18 +35,29 @@ CPU_WORKERS = 3
 UP_TIMEOUT_SECONDS = 300
 """Covers the first start on a slow machine; the image build comes on top."""
 
+SETTINGS_VARIABLES = frozenset(name for name, _ in ENV_VARS.values())
 
-def compose(env: Mapping[str, str], *args: str) -> str:
-    """Run ``docker compose`` on the test project and return its stdout.
+
+def compose(env: Mapping[str, str], *args: str, project: str = PROJECT) -> str:
+    """Run ``docker compose`` on a test project and return its stdout.
 
     compose.yaml is named explicitly so that a developer's compose.override.yaml
     is not merged in.
     """
-    argv = ["docker", "compose", "--project-name", PROJECT, "--file", str(ROOT / "compose.yaml")]
+    argv = ["docker", "compose", "--project-name", project, "--file", str(ROOT / "compose.yaml")]
     try:
         return subprocess.run(
             [*argv, *args], env=dict(env), check=True, capture_output=True, text=True
         ).stdout
+    except subprocess.CalledProcessError as exc:
+        exc.add_note(f"stderr:\n{exc.stderr[-5000:]}")
+        raise
+
+
+def docker(*args: str) -> str:
+    """Run a plain ``docker`` command and return its stdout."""
+    try:
+        return subprocess.run(["docker", *args], check=True, capture_output=True, text=True).stdout
     except subprocess.CalledProcessError as exc:
         exc.add_note(f"stderr:\n{exc.stderr[-5000:]}")
         raise
@@ -56,6 +79,9 @@ class Stack:
     redis_password: str
     flower_password: str
     secret: str
+    project: str = PROJECT
+    settings: Mapping[str, str] = field(default_factory=dict, hash=False)
+    """Settings variables (e.g. ``REDIS_VISIBILITY_TIMEOUT``) given to every service."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -63,7 +89,8 @@ class Stack:
         env = dict(os.environ)
         # A settings variable exported in the developer's shell (or a .env file) must
         # not change what is tested: set-but-empty wins over .env and means "default".
-        env.update({name: "" for name, _ in ENV_VARS.values()})
+        env.update({name: "" for name in SETTINGS_VARIABLES})
+        env.update(self.settings)
         env.update(
             REDIS_PORT=str(self.redis_port),
             FLOWER_PORT=str(self.flower_port),
@@ -79,55 +106,79 @@ class Stack:
     @property
     def client_settings(self) -> Settings:
         """Settings of a client on the host, through the published Redis port."""
-        return Settings(
-            redis_url=f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0",
-            secret=self.secret,
-            flower_password=self.flower_password,
+        return Settings.from_env(
+            {
+                **self.settings,
+                "REDIS_URL": f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0",
+                "TASKSTACK_SECRET": self.secret,
+                "FLOWER_PASSWORD": self.flower_password,
+            }
         )
 
+    @property
+    def internal_redis_url(self) -> str:
+        """Redis as the containers reach it: by service name, on the compose network."""
+        return f"redis://:{self.redis_password}@redis:6379/0"
+
+    @property
+    def network(self) -> str:
+        """The project's default network (compose names it ``<project>_default``)."""
+        return f"{self.project}_default"
+
     def compose(self, *args: str) -> str:
-        return compose(self.env, *args)
+        return compose(self.env, *args, project=self.project)
+
+    def containers(self, service: str) -> list[str]:
+        """Ids of a service's running containers."""
+        return self.compose("ps", "--quiet", service).split()
 
     def nodes(self, service: str, queue: str) -> set[str]:
         """Celery node names of a service's containers: ``<queue>@<container hostname>``."""
-        ids = self.compose("ps", "--quiet", service).split()
+        ids = self.containers(service)
         if not ids:
             return set()
-        hostnames = subprocess.run(
-            ["docker", "inspect", "--format", "{{.Config.Hostname}}", *ids],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
+        hostnames = docker("inspect", "--format", "{{.Config.Hostname}}", *ids).split()
         return {f"{queue}@{hostname}" for hostname in hostnames}
 
 
-def show_logs(config: pytest.Config, stack: Stack) -> None:
+def new_stack(project: str = PROJECT, **settings: str) -> Stack:
+    """A stack description with fresh passwords and free loopback ports; not started."""
+    unknown = set(settings) - SETTINGS_VARIABLES
+    if unknown:
+        raise ValueError(f"not settings variables: {sorted(unknown)}")
+    return Stack(
+        redis_port=free_port(),
+        flower_port=free_port(),
+        redis_password=secrets.token_urlsafe(16),
+        flower_password=secrets.token_urlsafe(12),
+        secret=secrets.token_urlsafe(32),
+        project=project,
+        settings=settings,
+    )
+
+
+def show_logs(config: pytest.Config, stack: Stack, tail: int = 50) -> None:
     """Print the services' last log lines, past pytest's output capture.
 
     The stack is torn down in the teardown of whichever test ran last, which
     usually passed: captured output would never be shown.
     """
     try:
-        logs = stack.compose("logs", "--no-color", "--timestamps", "--tail", "50")
+        logs = stack.compose("logs", "--no-color", "--timestamps", "--tail", str(tail))
     except subprocess.CalledProcessError as exc:
         logs = f"(docker compose logs failed: {exc.stderr})"
     capture = config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print(f"\n--- docker compose -p {PROJECT} logs --tail 50 ---\n{logs}", flush=True)
+        print(f"\n--- docker compose -p {stack.project} logs --tail {tail} ---\n{logs}", flush=True)
 
 
-@pytest.fixture(scope="module")
-def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """The whole stack with three cpu workers, fresh passwords, on free loopback ports."""
+@contextlib.contextmanager
+def running(request: pytest.FixtureRequest, stack: Stack) -> Generator[None, None, None]:
+    """Build and start ``stack`` with three cpu workers; ``down -v`` it afterwards.
+
+    Its services' last log lines are shown when a test using it failed.
+    """
     require(docker_available(), "a Docker engine with Compose v2")
-    stack = Stack(
-        redis_port=free_port(),
-        flower_port=free_port(),
-        redis_password=secrets.token_urlsafe(16),
-        flower_password=secrets.token_urlsafe(12),
-        secret=secrets.token_urlsafe(32),
-    )
     failed_before = request.session.testsfailed
     try:
         try:
@@ -141,8 +192,164 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         except subprocess.CalledProcessError:
             show_logs(request.config, stack)
             raise
-        yield stack
+        yield
         if request.session.testsfailed > failed_before:
             show_logs(request.config, stack)
     finally:
         stack.compose("down", "--volumes", "--remove-orphans")
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The whole stack with three cpu workers, fresh passwords, on free loopback ports."""
+    stack = new_stack()
+    with running(request, stack):
+        yield stack
+
+
+# -- reliability report ------------------------------------------------------------
+
+REPORT_DIR = ROOT / "docs" / "reliability"
+REPORT_COLUMNS = (
+    ("scenario", "scenario"),
+    ("sent", "items sent"),
+    ("completed", "items completed"),
+    ("duplicates", "duplicates"),
+    ("recovery_s", "recovery (s)"),
+    ("outcome", "outcome"),
+    ("notes", "notes"),
+)
+_report_key = pytest.StashKey[list[dict[str, Any]]]()
+_setup_key = pytest.StashKey[dict[str, Any]]()
+_phase_reports_key = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def report_setup(config: pytest.Config, **setup: Any) -> None:
+    """Describe what the session's rows were measured on (stacks, settings, machine)."""
+    config.stash.setdefault(_setup_key, {}).update(setup)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "scenario(title): the reliability report row a compose test records"
+    )
+
+
+@dataclass
+class Row:
+    """One scenario's line of the report; a test fills it in as it goes."""
+
+    scenario: str
+    sent: int | None = 0
+    completed: int | None = 0
+    duplicates: int | None = 0
+    """Items that ran more than once; ``None`` where runs are not traced."""
+    recovery_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    """Measurements beyond the table's columns; they go to the JSON file."""
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(_phase_reports_key, {})[report.when] = report
+    return report
+
+
+@pytest.fixture
+def report_row(request: pytest.FixtureRequest) -> Iterator[Row]:
+    """A report row for the running test, recorded with the test's outcome."""
+    scenario = request.node.get_closest_marker("scenario")
+    row = Row(scenario.args[0] if scenario else request.node.name)
+    yield row
+    phases = request.node.stash.get(_phase_reports_key, {})
+    report = phases.get("call")
+    outcome = "error" if report is None else report.outcome
+    if report is not None and hasattr(report, "wasxfail"):  # an expected failure (a known defect)
+        outcome = "xpassed" if report.passed else "xfailed"
+    rows = request.config.stash.setdefault(_report_key, [])
+    rows.append(
+        {
+            "scenario": row.scenario,
+            "test": request.node.name,
+            "sent": row.sent,
+            "completed": row.completed,
+            "duplicates": row.duplicates,
+            "recovery_s": None if row.recovery_s is None else round(row.recovery_s, 1),
+            "outcome": outcome,
+            # Setup includes module fixtures that the first test using them pays for.
+            "setup_s": round(phases["setup"].duration, 1) if "setup" in phases else None,
+            "call_s": round(report.duration, 1) if report is not None else None,
+            "notes": "; ".join(row.notes),
+            "figures": row.figures,
+            "setup": request.config.stash.get(_setup_key, {}),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        return str(value).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(title for _, title in REPORT_COLUMNS) + " |",
+        "|" + "---|" * len(REPORT_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(cell(row[key]) for key, _ in REPORT_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+    """Merge this session's rows into docs/reliability/ (a scenario's new row replaces its old)."""
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = REPORT_DIR / "reliability.json", REPORT_DIR / "reliability.md"
+    merged: dict[str, dict[str, Any]] = {}
+    if json_path.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            merged = {row["scenario"]: row for row in json.loads(json_path.read_text())["rows"]}
+    merged.update({row["scenario"]: row for row in rows})
+    ordered = sorted(merged.values(), key=lambda row: row["scenario"])
+    document = {
+        "generated_by": "pytest -m compose tests/compose/test_faults.py (scripts/reliability.py)",
+        "rows": ordered,
+    }
+    json_path.write_text(json.dumps(document, indent=2) + "\n")
+    setups = {json.dumps(row.get("setup", {}), sort_keys=True) for row in ordered}
+    described = "\n".join(
+        "Setup: " + "; ".join(f"{key}: {value}" for key, value in json.loads(setup).items())
+        for setup in sorted(setups)
+        if setup != "{}"
+    )
+    md_path.write_text(
+        "# Reliability under faults\n\n"
+        "Generated by `scripts/reliability.py` (the compose tier's "
+        "`tests/compose/test_faults.py`); each scenario's figures are in "
+        "`reliability.json`. Outcome `xfailed` marks a known defect (see the test's "
+        "reason), `xpassed` a known defect that did not show this time.\n\n"
+        + markdown_table(ordered)
+        + "\n\n"
+        + described
+        + "\n"
+    )
+    return json_path, md_path
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    rows = config.stash.get(_report_key, [])
+    if not rows:
+        return
+    json_path, md_path = write_report(rows)
+    terminalreporter.section("reliability report")
+    terminalreporter.write_line(markdown_table(rows))
+    terminalreporter.write_line(f"\nwritten to {md_path.relative_to(ROOT)} and {json_path.name}")
