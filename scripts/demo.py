@@ -49,7 +49,8 @@ def main() -> None:
 
     started = time.perf_counter()
     serial = sum(
-        count_primes(a, b) for a, b in tqdm(list(zip(starts, stops, strict=False)), desc="serial  ", unit="range")
+        count_primes(a, b)
+        for a, b in tqdm(list(zip(starts, stops, strict=False)), desc="serial  ", unit="range")
     )
     serial_seconds = time.perf_counter() - started
 

@@ -130,9 +130,7 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
     return len(outcomes)
 
 
-def _reply_failed(
-    client: redis.Redis, reply_to: str, batch_id: str, exc: BaseException
-) -> None:
+def _reply_failed(client: redis.Redis, reply_to: str, batch_id: str, exc: BaseException) -> None:
     notice = {"id": batch_id, "type": type(exc).__name__, "error": str(exc)}
     _reply(client, reply_to, wire.FAILED + json.dumps(notice).encode())
     exc.__dict__["taskstack_replied"] = True
