@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Regenerate the reliability report: faults on the real compose stack.
 
-    .venv/bin/python scripts/reliability.py              # every scenario (about 11 minutes)
+    .venv/bin/python scripts/reliability.py              # every scenario (about 7 minutes)
     .venv/bin/python scripts/reliability.py -k kill      # some of them; other rows are kept
 
 Runs ``pytest -m faults tests/compose/test_faults.py`` with this checkout's
-venv (a Docker engine with Compose v2 is required: two stacks of the project
-are built and started side by side, then removed), then prints
+venv (a Docker engine with Compose v2 is required: the project's stack is
+built and started with short timeouts, then removed), then prints
 docs/reliability/reliability.md. A scenario's row is replaced by the new run's;
 the rows of scenarios not run are kept, each with the time it was measured.
 """

@@ -20,7 +20,6 @@ import os
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 import uuid
 from base64 import b64encode
@@ -453,6 +452,8 @@ class Partition:
     reconnected_at: float
     rejoined_at: float
     restarted: bool
+    fatal_log_lines: list[str]
+    """The worker's CRITICAL lines since the partition began (why it was restarted)."""
     restarts: str
     healthy_during: str
     new_task_nodes: set[str]
@@ -516,6 +517,18 @@ def partition(faults: Stack) -> Partition:
                 else:
                     failures.append((str(result.worker), repr(value)))
         runs = trace.runs()
+        restarted = inspect(victim, "{{.State.StartedAt}}") != began
+        logs = subprocess.run(
+            ["docker", "logs", "--since", began, victim],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        fatal = [
+            line.strip()[:300]
+            for line in (logs.stdout + logs.stderr).splitlines()
+            if "CRITICAL" in line or "Unrecoverable" in line
+        ]
         return Partition(
             sent=PARTITION_ITEMS,
             values=values,
@@ -527,7 +540,8 @@ def partition(faults: Stack) -> Partition:
             map_done_at=map_done_at,
             reconnected_at=reconnected_at,
             rejoined_at=rejoined_at,
-            restarted=inspect(victim, "{{.State.StartedAt}}") != began,
+            restarted=restarted,
+            fatal_log_lines=fatal,
             restarts=inspect(victim, "{{.RestartCount}}"),
             healthy_during=healthy_during,
             new_task_nodes=seen,
@@ -573,6 +587,7 @@ def test_partitioned_workers_tasks_are_redelivered_and_it_rejoins(
         "restart_count": partition.restarts,
         "health_while_cut_off": partition.healthy_during,
         "new_tasks_failed": len(partition.new_task_failures),
+        "fatal_log_lines": partition.fatal_log_lines,
     }
     report_row.note(
         f"{len(cut_off)} batches held by the cut-off worker were redelivered to the other "
