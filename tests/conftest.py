@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -214,8 +214,3 @@ def app(redis_server: Settings) -> Iterator[Celery]:
             client.amqp.queues[queue].bind(conn.default_channel).purge()
     yield client
     client.close()
-
-
-@pytest.fixture
-def settings_with(redis_server: Settings) -> Callable[..., Settings]:
-    return lambda **changes: replace(redis_server, **changes)

@@ -8,6 +8,7 @@ import secrets
 import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, as_completed, wait
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +213,7 @@ def test_forged_payloads_are_refused_and_never_unpickled(
 def test_executor_with_the_wrong_secret_gets_a_clear_error(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:
-    wrong = Settings(**{**redis_server.__dict__, "secret": "guessed"})
+    wrong = replace(redis_server, secret="guessed")
     with ClusterExecutor(wrong) as executor, pytest.raises(SignatureError, match="refused"):
         executor.submit(work.square, 2).result(timeout=30)
 
