@@ -39,6 +39,7 @@ def main() -> int:
     args = parser.parse_args()
 
     argv = [str(venv_python()), "-m", "pytest", "-m", "faults", "tests/compose/test_faults.py"]
+    argv += ["--reliability-report", str(REPORT.parent)]
     argv += ["-q"] if args.quiet else ["-v"]
     if args.keyword:
         argv += ["-k", args.keyword]

@@ -44,3 +44,15 @@ CAPACITY_KEY_PREFIX: Final = KEY_PREFIX + "capacity:"
 
 CAPACITY_TTL_SECONDS: Final = 30.0
 CAPACITY_REFRESH_SECONDS: Final = 10.0
+
+REDIS_CONNECTION: Final = {
+    "socket_timeout": 10.0,
+    "socket_connect_timeout": 5.0,
+    "socket_keepalive": True,
+    "health_check_interval": 10,
+}
+"""How every Redis connection of the stack (kombu's, the result backend's, the
+executor's) notices a broker that vanished without closing TCP (a partition, a
+host gone): blocking calls give up after 10 s, idle connections are pinged before
+use after 10 s, and kernel keepalives probe the rest. Server-side blocking calls
+(BRPOP/BLPOP) use 1 s timeouts, well below the socket timeout."""

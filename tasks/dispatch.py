@@ -139,7 +139,7 @@ class Dispatcher:
         self.signer = Signer(secret)
         self.max_payload_bytes = max_payload_bytes
         self.sizer = sizer or BatchSizer()
-        self.redis = redis.Redis.from_url(app.conf.broker_url)
+        self.redis = redis.Redis.from_url(app.conf.broker_url, **constants.REDIS_CONNECTION)
         self.reply_key = constants.REPLY_KEY_PREFIX + uuid.uuid4().hex
         self._cv = threading.Condition()
         self._pending: deque[Call | MapJob] = deque()

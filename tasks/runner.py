@@ -46,7 +46,7 @@ def _redis(url: str) -> redis.Redis:
     """One connection pool per process: prefork children must not share their parent's."""
     key = (os.getpid(), url)
     if key not in _clients:
-        _clients[key] = redis.Redis.from_url(url)
+        _clients[key] = redis.Redis.from_url(url, **constants.REDIS_CONNECTION)
     return _clients[key]
 
 

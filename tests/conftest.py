@@ -25,6 +25,16 @@ from tasks.settings import ENV_VARS, Settings
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-report",
+        metavar="DIR",
+        type=Path,
+        help="merge the fault scenarios' rows into DIR/reliability.{md,json} "
+        "(scripts/reliability.py passes docs/reliability); they are always printed",
+    )
+
+
 def require(available: bool, what: str) -> None:
     """Skip when infrastructure is missing on a laptop; fail when it is missing in CI."""
     if available:

@@ -4,8 +4,9 @@
 module. :func:`new_stack` and :func:`running` let a module start one with other
 settings, e.g. short timeouts (``new_stack("taskstack-faults",
 REDIS_VISIBILITY_TIMEOUT="45", ...)``). The reliability report that
-tests/compose/test_faults.py fills in is collected here and printed (and
-written to docs/reliability/) at the end of the session.
+tests/compose/test_faults.py fills in is collected here and printed at the end
+of the session (and merged into ``--reliability-report DIR``, as
+scripts/reliability.py does for docs/reliability/).
 """
 
 from __future__ import annotations
@@ -209,7 +210,6 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
 
 # -- reliability report ------------------------------------------------------------
 
-REPORT_DIR = ROOT / "docs" / "reliability"
 REPORT_COLUMNS = (
     ("scenario", "scenario"),
     ("sent", "items sent"),
@@ -310,10 +310,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict[str, Any]]) -> tuple[Path, Path]:
-    """Merge this session's rows into docs/reliability/ (a scenario's new row replaces its old)."""
-    REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = REPORT_DIR / "reliability.json", REPORT_DIR / "reliability.md"
+def write_report(rows: list[dict[str, Any]], directory: Path) -> tuple[Path, Path]:
+    """Merge this session's rows into ``directory`` (a scenario's new row replaces its old)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = directory / "reliability.json", directory / "reliability.md"
     merged: dict[str, dict[str, Any]] = {}
     if json_path.exists():
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -349,7 +349,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     rows = config.stash.get(_report_key, [])
     if not rows:
         return
-    json_path, md_path = write_report(rows)
     terminalreporter.section("reliability report")
     terminalreporter.write_line(markdown_table(rows))
-    terminalreporter.write_line(f"\nwritten to {md_path.relative_to(ROOT)} and {json_path.name}")
+    directory = config.getoption("reliability_report")
+    if directory is not None:
+        json_path, md_path = write_report(rows, directory)
+        terminalreporter.write_line(f"\nmerged into {md_path} and {json_path.name}")
