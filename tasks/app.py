@@ -6,6 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from tasks import constants as c
+from tasks.hardening import ShutdownDeadline
 from tasks.runner import MAX_PAYLOAD_SETTING, SECRET_SETTING, CapacityBeacon
 from tasks.settings import Settings
 
@@ -56,16 +57,12 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options=transport_options,
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         visibility_timeout=settings.visibility_timeout,
-        # The result backend's connections notice a vanished broker like kombu's do,
-        # and a result that cannot be stored or read is retried (backing off up to
-        # 10 s, about 2 minutes in all) instead of failing its task at the first
-        # stale connection.
+        # The result backend's connections notice a vanished broker like kombu's do
+        # (it already retries storing a result for about 20 s).
         redis_socket_timeout=c.REDIS_CONNECTION["socket_timeout"],
         redis_socket_connect_timeout=c.REDIS_CONNECTION["socket_connect_timeout"],
         redis_socket_keepalive=c.REDIS_CONNECTION["socket_keepalive"],
         redis_backend_health_check_interval=c.REDIS_CONNECTION["health_check_interval"],
-        result_backend_always_retry=True,
-        result_backend_max_retries=15,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         result_expires=settings.result_expires,
@@ -87,6 +84,7 @@ def create_app(settings: Settings) -> Celery:
     app.conf[SECRET_SETTING] = settings.secret
     app.conf[MAX_PAYLOAD_SETTING] = settings.max_payload_bytes
     app.steps["worker"].add(CapacityBeacon)
+    app.steps["worker"].add(ShutdownDeadline)
     app.autodiscover_tasks(["tasks"], related_name="jobs", force=True)
     app.autodiscover_tasks(["tasks"], related_name="runner", force=True)
     return app

@@ -44,6 +44,8 @@ CAPACITY_KEY_PREFIX: Final = KEY_PREFIX + "capacity:"
 
 CAPACITY_TTL_SECONDS: Final = 30.0
 CAPACITY_REFRESH_SECONDS: Final = 10.0
+CAPACITY_WITHDRAW_SECONDS: Final = 5.0
+"""A stopping worker waits this long at most to withdraw its entry (else it expires)."""
 
 REDIS_CONNECTION: Final = {
     "socket_timeout": 10.0,

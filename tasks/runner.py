@@ -13,13 +13,14 @@ import binascii
 import json
 import logging
 import os
+import threading
 import time
 import traceback
 from typing import Any, ClassVar
 
 import redis
 from celery import Task, bootsteps, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import task_failure
 
 from tasks import constants, wire
@@ -90,16 +91,29 @@ def _picklable(signer: Signer, outcome: wire.Outcome) -> wire.Outcome:
 
 @shared_task(name=constants.RUN_BATCH, bind=True, ignore_result=True)
 def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = False) -> int:
-    """Run one signed batch and reply to ``reply_to``; returns how many calls ran."""
-    batch_id = self.request.id
-    client = _redis(self.app.conf.broker_url)
+    """Run one signed batch and reply to ``reply_to``; returns how many calls ran.
+
+    A reply that cannot be delivered (Redis unreachable after the client's
+    retries) rejects the message back onto the queue rather than failing the
+    task: the batch runs again, and its client is answered then.
+    """
+    try:
+        return _run_batch(self, payload, reply_to, notify_start)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        logger.warning("batch %s: no reply could be delivered (%s); requeued", self.request.id, exc)
+        raise Reject(exc, requeue=True) from exc
+
+
+def _run_batch(task: Task, payload: str, reply_to: str, notify_start: bool) -> int:
+    batch_id = task.request.id
+    client = _redis(task.app.conf.broker_url)
     try:
         if not reply_to.startswith(constants.REPLY_KEY_PREFIX):
             raise ValueError(
                 f"reply_to must be a {constants.REPLY_KEY_PREFIX}* key, got {reply_to!r}"
             )
-        signer = Signer(self.app.conf[SECRET_SETTING])
-        limit = self.app.conf[MAX_PAYLOAD_SETTING]
+        signer = Signer(task.app.conf[SECRET_SETTING])
+        limit = task.app.conf[MAX_PAYLOAD_SETTING]
         if len(payload) * 3 // 4 > limit:  # checked before decoding anything
             raise PayloadTooLarge(
                 f"batch payload of about {len(payload) * 3 // 4:,} bytes exceeds "
@@ -119,8 +133,11 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
         outcomes = [(False, (error, traceback.format_exc()))]
         _reply(client, reply_to, wire.DONE + batch_id.encode() + signer.dumps((outcomes, 0.0)))
         raise error from exc
-    if notify_start:
-        _reply(client, reply_to, wire.STARTED + batch_id.encode())
+    if notify_start:  # marks the futures running; the outcomes matter, this does not
+        try:
+            _reply(client, reply_to, wire.STARTED + batch_id.encode())
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            logger.warning("batch %s: could not report its start (%s)", batch_id, exc)
     started = time.perf_counter()
     outcomes = run_calls(calls)
     seconds = time.perf_counter() - started
@@ -174,39 +191,48 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
     """Publishes how many processes this worker runs for each queue it consumes.
 
     Executor clients size their batches from the sum over live workers; an entry
-    expires unless refreshed, so a killed worker drops out by itself.
+    expires unless refreshed, so a killed worker drops out by itself. The beacon
+    has its own thread: a Redis call that waits out a partition must not stall
+    the worker's event loop (and with it the pool's time limits and results).
     """
 
-    requires: ClassVar = {"celery.worker.components:Timer", "celery.worker.components:Pool"}
+    requires: ClassVar = {"celery.worker.components:Pool"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        self.tref: Any = None
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        self.beat(worker)
-        self.tref = worker.timer.call_repeatedly(
-            constants.CAPACITY_REFRESH_SECONDS, self.beat, (worker,), priority=10
+        self.thread = threading.Thread(
+            target=self.run, args=(worker,), name="taskstack-capacity", daemon=True
         )
+        self.thread.start()
 
     def stop(self, worker: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=constants.CAPACITY_WITHDRAW_SECONDS)
+
+    terminate = stop
+
+    def run(self, worker: Any) -> None:
+        client = _redis(worker.app.conf.broker_url)
+        queues = list(worker.app.amqp.queues.consume_from)
+        while True:
+            value = f"{worker.concurrency} {time.time() + constants.CAPACITY_TTL_SECONDS}"
+            try:
+                for queue in queues:
+                    client.hset(constants.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)
+            except redis.RedisError as exc:  # the broker is away: consumers reconnect alone
+                logger.warning("capacity beacon: %s", exc)
+            if self.stopping.wait(constants.CAPACITY_REFRESH_SECONDS):
+                break
         try:
-            client = _redis(worker.app.conf.broker_url)
-            for queue in worker.app.amqp.queues.consume_from:
+            for queue in queues:
                 client.hdel(constants.CAPACITY_KEY_PREFIX + queue, worker.hostname)
         except redis.RedisError:
             logger.warning("could not withdraw capacity of %s", worker.hostname)
-
-    def beat(self, worker: Any) -> None:
-        try:
-            client = _redis(worker.app.conf.broker_url)
-            value = f"{worker.concurrency} {time.time() + constants.CAPACITY_TTL_SECONDS}"
-            for queue in worker.app.amqp.queues.consume_from:
-                client.hset(constants.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)
-        except redis.RedisError as exc:  # the broker is away: consumers reconnect on their own
-            logger.warning("capacity beacon: %s", exc)
 
 
 def capacity(client: redis.Redis, queue: str) -> int:

@@ -1,0 +1,31 @@
+"""The batch task's reply path, against a Redis that cannot be reached."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from celery.exceptions import Reject
+
+from tasks import constants
+from tasks.app import create_app
+from tasks.runner import run_batch
+from tasks.settings import Settings
+from tasks.signing import Signer
+from tests.conftest import free_port
+
+
+def test_an_undeliverable_reply_requeues_the_batch() -> None:
+    """Redis gone when the outcomes are ready: the message goes back, it does not fail."""
+    settings = Settings(redis_url=f"redis://:pw@127.0.0.1:{free_port()}/0", secret="s" * 32)
+    app = create_app(settings)
+    payload = base64.b64encode(Signer(settings.secret).dumps([(pow, (2, 10), None)])).decode()
+    run_batch.push_request(id="batch-1")
+    try:
+        with pytest.raises(Reject) as rejected:
+            run_batch.run(payload, constants.REPLY_KEY_PREFIX + "client", notify_start=True)
+    finally:
+        run_batch.pop_request()
+        app.close()
+    assert rejected.value.requeue is True
+    assert "Connection" in type(rejected.value.reason).__name__
