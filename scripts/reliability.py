@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate the reliability report: faults on the real compose stack.
 
-    .venv/bin/python scripts/reliability.py              # every scenario (about 7 minutes)
+    .venv/bin/python scripts/reliability.py              # every scenario (about 5 minutes)
     .venv/bin/python scripts/reliability.py -k kill      # some of them; other rows are kept
 
 Runs ``pytest -m faults tests/compose/test_faults.py`` with this checkout's
