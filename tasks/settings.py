@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 DEFAULT_REDIS_PASSWORD = "taskstack-local"
 DEFAULT_FLOWER_PASSWORD = "taskstack-local"
@@ -107,14 +107,24 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from environment variables; unset ones keep their defaults."""
+        """Build settings from environment variables; unset ones keep their defaults.
+
+        Every variable may instead name a file holding its value, as ``NAME_FILE``
+        (the convention of the official Docker images, made for Docker secrets
+        mounted under ``/run/secrets``). ``REDIS_PASSWORD`` or
+        ``REDIS_PASSWORD_FILE`` supplies the password of a ``REDIS_URL`` that has
+        none, so that the password can be a secret while the URL is not.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for field in fields(cls):
             name, parse = ENV_VARS[field.name]
-            raw = env.get(name, "").strip()
+            raw = _lookup(env, name)
             if raw:
                 values[field.name] = _parse(name, raw, parse)
+        password = _lookup(env, REDIS_PASSWORD_VAR, strip=False)
+        if password:
+            values["redis_url"] = _with_password(values.get("redis_url"), password)
         return cls(**values)
 
     def check_exposure(self) -> None:
@@ -138,6 +148,41 @@ class Settings:
         return f"{self.flower_user}:{self.flower_password}"
 
 
+def _lookup(env: Mapping[str, str], name: str, *, strip: bool = True) -> str:
+    """``name``'s value, from the environment or from the file ``name_FILE`` names.
+
+    Surrounding whitespace never belongs to a value, except a password's own;
+    a file's final newlines (``echo pw > file``) never do.
+    """
+    raw = env.get(name, "")
+    path = env.get(f"{name}_FILE", "").strip()
+    if path:
+        if raw.strip():
+            raise SettingsError(f"set {name} or {name}_FILE, not both")
+        try:
+            with open(path, encoding="utf-8") as file:
+                raw = file.read().rstrip("\r\n")
+        except OSError as exc:
+            raise SettingsError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
+        if not raw.strip():
+            raise SettingsError(f"{name}_FILE={path!r} is empty")
+    return raw.strip() if strip else raw
+
+
+def _with_password(redis_url: str | None, password: str) -> str:
+    url = urlsplit(redis_url or _default_redis_url())
+    if redis_url and url.password:
+        if unquote(url.password) != password:
+            raise SettingsError(
+                f"REDIS_URL has a password other than {REDIS_PASSWORD_VAR}'s: "
+                "give it in one place only"
+            )
+        return redis_url
+    host = url.netloc.rpartition("@")[2]
+    user = quote(url.username or "", safe="")
+    return url._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
+
+
 def _positive(name: str, value: float | None) -> None:
     if value is not None and value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
@@ -150,6 +195,9 @@ def _parse(name: str, raw: str, parse: Callable[[str], object]) -> object:
         kind = getattr(parse, "__name__", "value")
         raise SettingsError(f"{name} must be a valid {kind}, got {raw!r}") from None
 
+
+REDIS_PASSWORD_VAR = "REDIS_PASSWORD"
+"""Completes a ``REDIS_URL`` given without a password (see :meth:`Settings.from_env`)."""
 
 ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "redis_url": ("REDIS_URL", str),

@@ -1,9 +1,22 @@
 #!/bin/sh
-# Starts redis-server with the password from REDIS_PASSWORD. The password goes
+# Starts redis-server with the password from REDIS_PASSWORD, or from the file
+# REDIS_PASSWORD_FILE names (a Docker secret in stack.yaml). The password goes
 # into an include file, never onto a command line: `ps` on the host lists the
 # container's processes with their arguments.
 set -eu
 
+if [ -n "${REDIS_PASSWORD_FILE:-}" ]; then
+  if [ -n "${REDIS_PASSWORD:-}" ]; then
+    echo "taskstack-redis: set REDIS_PASSWORD or REDIS_PASSWORD_FILE, not both" >&2
+    exit 1
+  fi
+  if [ ! -r "$REDIS_PASSWORD_FILE" ]; then
+    echo "taskstack-redis: REDIS_PASSWORD_FILE=$REDIS_PASSWORD_FILE cannot be read" >&2
+    exit 1
+  fi
+  # $(...) drops the file's final newlines, as tasks.settings does.
+  REDIS_PASSWORD=$(cat "$REDIS_PASSWORD_FILE")
+fi
 if [ -z "${REDIS_PASSWORD:-}" ]; then
   echo "taskstack-redis: REDIS_PASSWORD is empty; refusing to start a Redis without a password" >&2
   exit 1

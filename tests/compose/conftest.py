@@ -17,6 +17,9 @@ import os
 import secrets
 import subprocess
 import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +143,19 @@ class Stack:
             return set()
         hostnames = docker("inspect", "--format", "{{.Config.Hostname}}", *ids).split()
         return {f"{queue}@{hostname}" for hostname in hostnames}
+
+
+def flower_get(stack: Stack, path: str, *, auth: bool = True) -> tuple[int, str]:
+    """GET a Flower page through its published port: (status, body)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{stack.flower_port}{path}")
+    if auth:
+        credentials = stack.client_settings.flower_basic_auth.encode()
+        request.add_header("Authorization", f"Basic {b64encode(credentials).decode()}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
 
 
 def new_stack(project: str = PROJECT, **settings: str) -> Stack:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +14,7 @@ from redis.retry import Retry
 
 from tasks import compute, constants
 from tasks.app import create_app
-from tests.compose.conftest import CPU_WORKERS, Stack
+from tests.compose.conftest import CPU_WORKERS, Stack, flower_get
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
@@ -67,18 +64,6 @@ def test_io_tasks_run_on_the_io_worker(stack: Stack, client: Celery) -> None:
     reply = client.send_task(constants.WHOAMI, queue=constants.IO_QUEUE).get(timeout=RESULT_TIMEOUT)
     assert reply["node"].startswith(f"{constants.IO_QUEUE}@")
     assert reply["node"] in io_nodes
-
-
-def flower_get(stack: Stack, path: str, *, auth: bool = True) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{stack.flower_port}{path}")
-    if auth:
-        credentials = stack.client_settings.flower_basic_auth.encode()
-        request.add_header("Authorization", f"Basic {b64encode(credentials).decode()}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
 
 
 def test_flower_lists_every_worker(stack: Stack) -> None:

@@ -1,4 +1,5 @@
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -70,6 +71,56 @@ def test_exposed_stack_refuses_default_secrets() -> None:
             "TASKSTACK_SECRET": "y",
         }
     ).check_exposure()
+
+
+def test_every_variable_may_come_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("from-a-file\n")  # as `echo value > file` writes it
+    (tmp_path / "limit").write_text("7")
+    settings = Settings.from_env(
+        {
+            "TASKSTACK_SECRET_FILE": str(tmp_path / "secret"),
+            "WORKER_CPU_CONCURRENCY_FILE": str(tmp_path / "limit"),
+        }
+    )
+    assert settings.secret == "from-a-file"
+    assert settings.cpu_concurrency == 7
+
+
+def test_redis_password_completes_a_url_without_one(tmp_path: Path) -> None:
+    (tmp_path / "redis_password").write_text("p@ss:/ word")
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://redis:6379/0",
+            "REDIS_PASSWORD_FILE": str(tmp_path / "redis_password"),
+        }
+    )
+    assert settings.redis_url == "redis://:p%40ss%3A%2F%20word@redis:6379/0"
+    assert urlsplit(settings.redis_url).hostname == "redis"
+    assert unquote(urlsplit(settings.redis_url).password or "") == "p@ss:/ word"
+    # The same password in both places is no conflict (a shell that sourced .env).
+    assert Settings.from_env({"REDIS_URL": URL, "REDIS_PASSWORD": "pw"}).redis_url == URL
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"TASKSTACK_SECRET": "a", "TASKSTACK_SECRET_FILE": "{dir}/given"},
+            "set TASKSTACK_SECRET or TASKSTACK_SECRET_FILE, not both",
+        ),
+        ({"FLOWER_PASSWORD_FILE": "{dir}/missing"}, "FLOWER_PASSWORD_FILE='{dir}/missing' cannot"),
+        ({"TASKSTACK_SECRET_FILE": "{dir}/empty"}, "TASKSTACK_SECRET_FILE='{dir}/empty' is empty"),
+        ({"REDIS_URL": URL, "REDIS_PASSWORD": "other"}, "REDIS_URL has a password other than"),
+        ({"WORKER_IO_CONCURRENCY_FILE": "{dir}/given"}, "WORKER_IO_CONCURRENCY must be a valid"),
+    ],
+)
+def test_bad_files_name_the_variable(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    (tmp_path / "given").write_text("value")
+    (tmp_path / "empty").write_text("\n")
+    env = {name: value.format(dir=tmp_path) for name, value in env.items()}
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env(env)
+    assert message.format(dir=tmp_path) in str(error.value)
 
 
 def test_cgroup_quota_v2(tmp_path: Path) -> None:
