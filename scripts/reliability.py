@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Regenerate the reliability report: faults on the real compose stack.
 
-    .venv/bin/python scripts/reliability.py              # every scenario (about 5 minutes)
+    .venv/bin/python scripts/reliability.py              # every scenario (about 10 minutes)
     .venv/bin/python scripts/reliability.py -k kill      # some of them; other rows are kept
 
-Runs ``pytest -m faults tests/compose/test_faults.py`` with this checkout's
-venv (a Docker engine with Compose v2 is required: the project's stack is
-built and started with short timeouts, then removed), then prints
+Runs ``pytest -m faults`` on tests/compose/test_faults.py and
+tests/compose/test_swarm_hosts.py with this checkout's venv (a Docker engine
+with Compose v2 is required: the project's stack is built and started with
+short timeouts, then removed; the host scenario needs root for a second
+engine), then prints
 docs/reliability/reliability.md. A scenario's row is replaced by the new run's;
 the rows of scenarios not run are kept, each with the time it was measured.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "reliability" / "reliability.md"
+SCENARIO_MODULES = ("tests/compose/test_faults.py", "tests/compose/test_swarm_hosts.py")
 
 
 def venv_python() -> Path:
@@ -38,7 +41,7 @@ def main() -> int:
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args()
 
-    argv = [str(venv_python()), "-m", "pytest", "-m", "faults", "tests/compose/test_faults.py"]
+    argv = [str(venv_python()), "-m", "pytest", "-m", "faults", *SCENARIO_MODULES]
     argv += ["--reliability-report", str(REPORT.parent)]
     argv += ["-q"] if args.quiet else ["-v"]
     if args.keyword:

@@ -1,0 +1,219 @@
+"""stack.yaml across two Docker hosts: this machine's engine, and a second one in its own
+network namespace (tests/compose/hosts.py) that joins the swarm over a private link.
+
+A cpu worker runs on each host. Tasks sent by a client on the first host run on
+the second one too, its worker reaching Redis across the overlay network; when
+the second host drops off the network mid-work, the tasks it held are
+redelivered to the first host's worker and Swarm starts a replacement worker
+there. Nothing is lost.
+
+Encrypted overlays need the kernel's AES-GCM for IPsec; where it is missing the
+stack is deployed with its network's ``encrypted`` option removed, and only that.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from celery.result import AsyncResult
+
+from tasks import compute, constants
+from tasks.app import create_app
+from tests.compose.conftest import ROOT, Row, docker, docker_available
+from tests.compose.hosts import Host, can_host_a_second_engine, second_host
+from tests.compose.swarm import LOCAL, SwarmStack, deployed, swarm_state
+from tests.conftest import require, wait_for
+
+pytestmark = [pytest.mark.compose, pytest.mark.swarm, pytest.mark.timeout(900)]
+
+SETTINGS = {
+    "REDIS_VISIBILITY_TIMEOUT": "45",
+    "TASK_TIME_LIMIT": "40",
+    "TASK_SOFT_TIME_LIMIT": "35",
+}
+"""A short visibility timeout, so that a lost host's tasks come back within a test."""
+VISIBILITY_TIMEOUT = int(SETTINGS["REDIS_VISIBILITY_TIMEOUT"])
+REDELIVERY_SECONDS = VISIBILITY_TIMEOUT + 2 * 10 + 60
+"""Visibility timeout, up to two restore sweeps (10 s apart), and room for a slow machine."""
+REPLACEMENT_SECONDS = 120
+"""Swarm declares a silent node down after missed heartbeats, then reschedules its tasks."""
+ENCRYPTION = '    driver_opts:\n      encrypted: "true"\n'
+PRIMES_SPAN = 25_000
+"""Numbers per count_primes_on task above a million: 60-80 ms of trial division."""
+RESULT_TIMEOUT = 60
+CUT_ITEMS = 400
+
+
+@dataclass(frozen=True)
+class TwoHosts:
+    deployment: SwarmStack
+    second: Host
+    encrypted: bool
+    client: Celery
+
+    def cpu_nodes(self, host: Host | None = None) -> set[str]:
+        """Celery nodes of the cpu workers on ``host`` (default: this machine)."""
+        engine = host.docker if host else LOCAL
+        hostnames = self.deployment.hostnames("worker-cpu", engine)
+        return {f"{constants.CPU_QUEUE}@{hostname}" for hostname in hostnames}
+
+    def started_at(self, nodes: set[str]) -> datetime:
+        """When the first of these cpu workers' containers (on this machine) started."""
+        hostnames = {node.partition("@")[2] for node in nodes}
+        ids = self.deployment.containers("worker-cpu")
+        listing = docker("inspect", "--format", "{{.Config.Hostname}} {{.State.StartedAt}}", *ids)
+        started = [line.split() for line in listing.splitlines() if line.strip()]
+        # RFC 3339 with nanoseconds: keep the microseconds datetime can hold.
+        return min(
+            datetime.fromisoformat(stamp[:26].rstrip("Z") + "+00:00")
+            for hostname, stamp in started
+            if hostname in hostnames
+        )
+
+
+def stack_files(host: Host, directory: Path) -> tuple[tuple[Path, ...], bool]:
+    """stack.yaml as it is, or without its overlay's encryption where the kernel lacks it."""
+    expose = ROOT / "expose.stack.yaml"
+    if host.esp_aead_available():
+        return (ROOT / "stack.yaml", expose), True
+    text = (ROOT / "stack.yaml").read_text()
+    assert ENCRYPTION in text, "stack.yaml no longer encrypts its overlay as this test expects"
+    plain = directory / "stack.yaml"
+    plain.write_text(text.replace(ENCRYPTION, ""))
+    return (plain, expose), False
+
+
+def ship_image(image: str, host: Host) -> None:
+    """Copy an image to the second engine, as a registry pull would."""
+    assert host.docker.host is not None
+    with subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE) as save:
+        subprocess.run(
+            ["docker", "--host", host.docker.host, "load"],
+            stdin=save.stdout,
+            check=True,
+            capture_output=True,
+        )
+    assert save.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def hosts(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TwoHosts]:
+    require(docker_available(), "a Docker engine with Compose v2")
+    require(can_host_a_second_engine(), "root, ip, nsenter and unshare (for a second engine)")
+    require(swarm_state() != "active", "an engine in no swarm (the test makes its own)")
+    with second_host(tmp_path_factory.mktemp("host2")) as second:
+        docker("swarm", "init", "--advertise-addr", second.peer)
+        try:
+            token = docker("swarm", "join-token", "--quiet", "worker").strip()
+            second.docker(
+                *("swarm", "join", "--advertise-addr", second.address),
+                *("--token", token, f"{second.peer}:2377"),
+            )
+            files, encrypted = stack_files(second, tmp_path_factory.mktemp("stack"))
+            with deployed(
+                request,
+                "taskstack-hosts",
+                tmp_path_factory.mktemp("secrets") / "secrets",
+                files=files,
+                cpu_workers=2,
+                before_deploy=lambda image: ship_image(image, second),
+                **SETTINGS,
+            ) as deployment:
+                client = create_app(deployment.stack.client_settings)
+                try:
+                    yield TwoHosts(deployment, second, encrypted, client)
+                finally:
+                    client.close()
+        finally:
+            docker("swarm", "leave", "--force")
+
+
+def send_ranges(
+    client: Celery, start: int, count: int
+) -> list[tuple[tuple[int, int], AsyncResult]]:
+    ranges = [(start + i * PRIMES_SPAN, start + (i + 1) * PRIMES_SPAN) for i in range(count)]
+    return [(bounds, client.send_task(constants.COUNT_PRIMES_ON, bounds)) for bounds in ranges]
+
+
+def test_each_host_runs_a_cpu_worker(hosts: TwoHosts) -> None:
+    # Swarm spreads a service's replicas over the nodes.
+    assert len(hosts.cpu_nodes(hosts.second)) == 1
+    assert len(hosts.cpu_nodes()) == 1
+    # Redis and Flower stay on the manager, with their volumes.
+    assert hosts.deployment.containers("redis")
+    assert hosts.deployment.containers("flower")
+
+
+def test_tasks_from_a_client_on_one_host_run_on_the_other(hosts: TwoHosts) -> None:
+    remote = hosts.cpu_nodes(hosts.second)
+    expected = remote | hosts.cpu_nodes()
+    seen: set[str] = set()
+    start = 1_000_000
+    deadline = time.monotonic() + 180
+    while not remote <= seen:
+        assert time.monotonic() < deadline, f"only {sorted(seen)} of {sorted(expected)} ran tasks"
+        sent = send_ranges(hosts.client, start, 40)
+        start += 40 * PRIMES_SPAN
+        for (lo, hi), result in sent:
+            reply = result.get(timeout=RESULT_TIMEOUT)
+            assert reply["count"] == compute.count_primes(lo, hi), (lo, hi)
+            seen.add(reply["node"])
+        assert seen <= expected
+
+
+@pytest.mark.faults
+@pytest.mark.scenario("7 host cut off the network (two-host swarm)")
+def test_a_host_cut_off_mid_work_loses_nothing_and_its_worker_is_replaced(
+    hosts: TwoHosts, report_row: Row
+) -> None:
+    remote = hosts.cpu_nodes(hosts.second)
+    local_before = hosts.cpu_nodes()
+    sent = send_ranges(hosts.client, 1_000_000, CUT_ITEMS)
+    report_row.sent = CUT_ITEMS
+    # Cut the host off once it is demonstrably working on these tasks.
+    for _, result in sent:
+        if result.get(timeout=RESULT_TIMEOUT)["node"] in remote:
+            break
+    else:
+        pytest.fail(f"{sorted(remote)} ran none of the {CUT_ITEMS} tasks")
+    hosts.second.cut_off()
+    cut, cut_at = time.monotonic(), datetime.now(UTC)
+
+    replies = [result.get(timeout=REDELIVERY_SECONDS) for _, result in sent]
+    recovered = time.monotonic() - cut
+    replacement = wait_for(
+        lambda: hosts.cpu_nodes() - local_before,
+        REPLACEMENT_SECONDS,
+        "Swarm to start a replacement cpu worker on this host",
+    )
+    replaced = (hosts.started_at(replacement) - cut_at).total_seconds()
+
+    for ((lo, hi), _), reply in zip(sent, replies, strict=True):
+        assert reply["count"] == compute.count_primes(lo, hi), (lo, hi)
+    report_row.completed = len(replies)
+    report_row.duplicates = None  # plain tasks: runs are not traced
+    report_row.recovery_s = recovered
+    by_remote = sum(reply["node"] in remote for reply in replies)
+    report_row.note(
+        f"{by_remote} tasks ran on the second host before the cut; every other one, including "
+        f"those it held, completed on the first host, the last {recovered:.0f} s after the cut "
+        f"(visibility timeout {VISIBILITY_TIMEOUT} s)"
+    )
+    report_row.note(
+        f"Swarm started a replacement cpu worker ({', '.join(sorted(replacement))}) on the "
+        f"first host {replaced:.0f} s after the cut"
+    )
+    report_row.note(
+        "overlay encrypted (IPsec)"
+        if hosts.encrypted
+        else "overlay unencrypted: this kernel lacks AES-GCM for IPsec"
+    )
