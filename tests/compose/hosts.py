@@ -90,6 +90,7 @@ def second_host(directory: Path, name: str = "taskstack-host2") -> Iterator[Host
     socket = directory / "docker.sock"
     host = Host(name, address, peer, Docker(f"unix://{socket}"))
     engine: subprocess.Popen[bytes] | None = None
+    remove_link(name, link)  # left over by a run that was killed
     try:
         run("ip", "netns", "add", name)
         run("ip", "link", "add", link, "type", "veth", "peer", "name", inside)
@@ -137,8 +138,13 @@ def second_host(directory: Path, name: str = "taskstack-host2") -> Iterator[Host
             except subprocess.TimeoutExpired:
                 os.killpg(engine.pid, signal.SIGKILL)
                 engine.wait()
-        with contextlib.suppress(subprocess.CalledProcessError):
-            run("ip", "link", "del", link)  # takes its peer inside the namespace along
-        with contextlib.suppress(subprocess.CalledProcessError):
-            run("ip", "netns", "del", name)
+        remove_link(name, link)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_link(name: str, link: str) -> None:
+    """Delete the namespace and the veth pair, where they exist."""
+    with contextlib.suppress(subprocess.CalledProcessError):
+        run("ip", "link", "del", link)  # takes its peer inside the namespace along
+    with contextlib.suppress(subprocess.CalledProcessError):
+        run("ip", "netns", "del", name)

@@ -108,7 +108,7 @@ def hosts(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TwoHosts]:
     require(docker_available(), "a Docker engine with Compose v2")
-    require(can_host_a_second_engine(), "root, ip, nsenter and unshare (for a second engine)")
+    require(can_host_a_second_engine(), "root, ip, iptables, nsenter and unshare (a second engine)")
     require(swarm_state() != "active", "an engine in no swarm (the test makes its own)")
     with second_host(tmp_path_factory.mktemp("host2")) as second:
         docker("swarm", "init", "--advertise-addr", second.peer)
