@@ -352,6 +352,7 @@ def test_killed_workers_lose_no_accepted_work(faults: Stack, report_row: Row) ->
         "restore_delay_after_kill_s": [round(d, 1) for d in sorted(delays)],
         "age_at_redelivery_s": [round(a, 1) for a in sorted(ages)],
         "map_wall_s": round(finished - started, 1),
+        "timeline": timeline(runs, [t for t, _ in kills], started, finished),
     }
     report_row.note(
         f"{len(batches)} batches (of {KILL_ITEMS // KILL_CHUNKSIZE}) redelivered by kombu's "
@@ -365,6 +366,24 @@ def test_killed_workers_lose_no_accepted_work(faults: Stack, report_row: Row) ->
         )
     else:
         report_row.note(f"after docker kill the containers were: {', '.join(after_kill)}")
+
+
+def timeline(
+    runs: list[Run], kills: list[float], started: float, finished: float
+) -> dict[str, Any]:
+    """When items started (first runs, and runs again), relative to the map's start: for the plot."""
+    first: list[float] = []
+    again: list[float] = []
+    seen: set[int] = set()
+    for run in sorted(runs, key=lambda run: run.started):
+        (again if run.item in seen else first).append(round(run.started - started, 2))
+        seen.add(run.item)
+    return {
+        "first_runs_s": first,
+        "runs_again_s": again,
+        "events_s": {"SIGKILL": [round(t - started, 2) for t in kills]},
+        "end_s": round(finished - started, 2),
+    }
 
 
 # -- 2. the broker restarts ------------------------------------------------------------------
