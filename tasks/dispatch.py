@@ -210,11 +210,13 @@ class Dispatcher:
     def cancel_job(self, job: MapJob) -> None:
         with self._cv:
             job.cancelled = True
+            self._cv.notify_all()
 
     def cancel_pending(self) -> None:
         with self._cv:
             pending = list(self._pending)
             self._pending.clear()
+            self._cv.notify_all()
         for work in pending:
             if isinstance(work, Call):
                 work.future.cancel()
@@ -279,6 +281,8 @@ class Dispatcher:
                         return
                     carved = self._carve()
                     if carved is None:
+                        # Cancelled work left the queue: drain() may be waiting for that.
+                        self._cv.notify_all()
                         continue
                     batch, calls = carved
                     self._inflight[batch.id] = batch

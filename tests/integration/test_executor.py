@@ -6,6 +6,7 @@ import base64
 import os
 import secrets
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, as_completed, wait
 from dataclasses import replace
@@ -17,6 +18,7 @@ import redis
 
 from tasks import ClusterExecutor, RemoteTraceback, SignatureError, Signer, constants, wire
 from tasks.app import create_app
+from tasks.dispatch import Dispatcher, MapJob
 from tasks.settings import Settings
 from tests.conftest import Worker, wait_for
 from tests.integration import work
@@ -234,3 +236,30 @@ def test_a_worker_process_killed_mid_map_loses_no_items(
     rest = list(results)
     assert len(rest) + 1 == len(items)
     assert cpu_worker.service.process.poll() is None
+
+
+def test_shutdown_is_not_left_waiting_by_a_cancelled_map(redis_server: Settings) -> None:
+    """A map cancelled before all of it was sent (its consumer raised) must not hang shutdown.
+
+    The sender drops the cancelled map from the queue; drain(), already waiting
+    for the queue to empty, has to hear of it. The order is forced: Condition
+    wakes its waiters first come, first served, and the sender waits first.
+    """
+    app = create_app(redis_server)
+    dispatcher = Dispatcher(app, redis_server.secret, constants.CPU_QUEUE)
+    try:
+        wait_for(lambda: len(dispatcher._cv._waiters) == 1, 10, "the sender to idle")  # type: ignore[attr-defined]
+        job = MapJob(work.add, [(1, 2), (3, 4)])
+        job.cancelled = True
+        with dispatcher._cv:
+            dispatcher._pending.append(job)
+        drained = threading.Event()
+        drainer = threading.Thread(target=lambda: (dispatcher.drain(), drained.set()), daemon=True)
+        drainer.start()
+        wait_for(lambda: len(dispatcher._cv._waiters) == 2, 10, "drain() to wait")  # type: ignore[attr-defined]
+        with dispatcher._cv:
+            dispatcher._cv.notify()  # the sender only
+        assert drained.wait(10), "drain() still waits though nothing is pending or in flight"
+    finally:
+        dispatcher.stop(wait=True)
+        app.close()
