@@ -39,6 +39,18 @@ CPU_WORKERS = 3
 UP_TIMEOUT_SECONDS = 300
 """Covers the first start on a slow machine; the image build comes on top."""
 
+RESTORE_SWEEP_SECONDS = 10
+"""How often one consumer looks for expired unacknowledged messages: kombu's Redis
+transport sweeps every ``unacked_restore_interval`` (10 s) as tasks.app sets
+``unacked_restore_throttle`` to 1."""
+
+
+def redelivery_deadline(visibility_timeout: int) -> int:
+    """Seconds for work held by a lost worker to be redelivered and done: the
+    visibility timeout, up to two restore sweeps, and room for a slow machine."""
+    return visibility_timeout + 2 * RESTORE_SWEEP_SECONDS + 60
+
+
 SETTINGS_VARIABLES = frozenset(name for name, _ in ENV_VARS.values())
 
 

@@ -39,10 +39,12 @@ from tasks.app import create_app
 from tests.compose import faultwork
 from tests.compose.conftest import (
     CPU_WORKERS,
+    RESTORE_SWEEP_SECONDS,
     Row,
     Stack,
     docker,
     new_stack,
+    redelivery_deadline,
     report_setup,
     running,
 )
@@ -63,12 +65,7 @@ FAULTS = {
 stop's long tasks (28 s, longer than the 20 s soft shutdown)."""
 
 VISIBILITY_TIMEOUT = int(FAULTS["REDIS_VISIBILITY_TIMEOUT"])
-RESTORE_SWEEP_SECONDS = 10
-"""How often one consumer looks for expired unacknowledged messages: kombu's Redis
-transport sweeps every ``unacked_restore_interval`` (10 s) as tasks.app sets
-``unacked_restore_throttle`` to 1."""
-REDELIVERY_SECONDS = VISIBILITY_TIMEOUT + 2 * RESTORE_SWEEP_SECONDS + 60
-"""Deadline for work held by a lost worker to be redelivered and done."""
+REDELIVERY_SECONDS = redelivery_deadline(VISIBILITY_TIMEOUT)
 LATEST_REDELIVERY_AGE = VISIBILITY_TIMEOUT + 2 * RESTORE_SWEEP_SECONDS + 30
 """A lost batch starts again at most this long after it first started (the sweep
 period plus time on the queue behind the work in flight)."""

@@ -26,7 +26,7 @@ from celery.result import AsyncResult
 
 from tasks import compute, constants
 from tasks.app import create_app
-from tests.compose.conftest import ROOT, Row, docker, docker_available
+from tests.compose.conftest import ROOT, Row, docker, docker_available, redelivery_deadline
 from tests.compose.hosts import Host, can_host_a_second_engine, second_host
 from tests.compose.swarm import LOCAL, SwarmStack, deployed, swarm_state
 from tests.conftest import require, wait_for
@@ -40,8 +40,7 @@ SETTINGS = {
 }
 """A short visibility timeout, so that a lost host's tasks come back within a test."""
 VISIBILITY_TIMEOUT = int(SETTINGS["REDIS_VISIBILITY_TIMEOUT"])
-REDELIVERY_SECONDS = VISIBILITY_TIMEOUT + 2 * 10 + 60
-"""Visibility timeout, up to two restore sweeps (10 s apart), and room for a slow machine."""
+REDELIVERY_SECONDS = redelivery_deadline(VISIBILITY_TIMEOUT)
 REPLACEMENT_SECONDS = 120
 """Swarm declares a silent node down after missed heartbeats, then reschedules its tasks."""
 ENCRYPTION = '    driver_opts:\n      encrypted: "true"\n'
