@@ -40,11 +40,11 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks import JOBLIB_BACKEND, ClusterExecutor, Pool, Settings, constants
-from tasks.app import create_app
 from tasks.compute import noop, spin
-from tasks.localstack import redis_command, worker_command, write_redis_config
-from tasks.runner import capacity
+from taskstack import JOBLIB_BACKEND, ClusterExecutor, Pool, Settings, names
+from taskstack.app import create_app
+from taskstack.capacity import capacity
+from taskstack.services.local import redis_command, worker_command, write_redis_config
 
 
 def calibrate(seconds: float) -> int:
@@ -90,7 +90,7 @@ def private_stack(processes: int) -> Iterator[Settings]:
                 stderr=subprocess.STDOUT,
             )
         )
-        wait(lambda: capacity(client, constants.CPU_QUEUE) >= processes, "the cpu worker")
+        wait(lambda: capacity(client, names.CPU_QUEUE) >= processes, "the cpu worker")
         yield settings
     finally:
         for child in reversed(children):  # the worker first: it hands work back to Redis
@@ -183,7 +183,7 @@ def _map_methods(
             return joblib.Parallel(n_jobs=-1)(joblib.delayed(spin)(n) for n in items)
 
     def plain_celery(items: list[int]) -> list[Any]:
-        results = [app.send_task(constants.SPIN, (n,)) for n in items]
+        results = [app.send_task(names.SPIN, (n,)) for n in items]
         return [r.get(timeout=600) for r in results]
 
     loky([1] * processes * 4)
@@ -209,7 +209,7 @@ def submit_rate(settings: Settings, count: int) -> dict[str, float]:
         rates["ClusterExecutor.submit"] = count / (time.perf_counter() - start)
     app = create_app(settings)
     start = time.perf_counter()
-    results = [app.send_task(constants.NOOP, (i,)) for i in range(count)]
+    results = [app.send_task(names.NOOP, (i,)) for i in range(count)]
     assert [r.get(timeout=600) for r in results] == list(range(count))
     rates["plain Celery send_task"] = count / (time.perf_counter() - start)
     app.close()
@@ -234,7 +234,7 @@ def latency(settings: Settings, samples: int) -> dict[str, dict[str, float]]:
         out = {
             "ClusterExecutor.submit": percentiles(lambda: executor.submit(noop, 1).result()),
             "plain Celery send_task": percentiles(
-                lambda: app.send_task(constants.NOOP, (1,)).get(timeout=60)
+                lambda: app.send_task(names.NOOP, (1,)).get(timeout=60)
             ),
         }
     app.close()
@@ -315,7 +315,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     processes = args.processes
     if args.use_running:
         with redis.Redis.from_url(settings.redis_url) as client:
-            processes = capacity(client, constants.CPU_QUEUE)
+            processes = capacity(client, names.CPU_QUEUE)
     report: dict[str, Any] = {
         "setup": {
             "processes": processes,

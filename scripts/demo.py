@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks import ClusterExecutor, Settings, SettingsError
 from tasks.compute import count_primes, located
+from taskstack import ClusterExecutor, Settings, SettingsError
 
 
 def main() -> None:

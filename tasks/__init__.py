@@ -1,38 +1,18 @@
-"""taskstack: Celery workers, a Redis broker and Flower, driven from Python.
+"""The stack's Celery tasks, and the place for your team's own.
 
-Swap ``ProcessPoolExecutor`` for :class:`ClusterExecutor`, ``multiprocessing.Pool``
-for :class:`Pool`, or joblib's ``n_jobs`` backend for ``"taskstack"``, and the same
-code runs on the cluster.
+Workers import this package at start (the ``TASK_MODULES`` setting, ``tasks``
+by default), and it imports every module in this folder: add ``tasks/mine.py``
+with ``@shared_task(name="myteam.resize")`` functions, rebuild the image
+(``docker compose up --build``), and the workers serve them. Keep the logic in
+plain functions and the tasks thin, as :mod:`tasks.stack` does over
+:mod:`tasks.compute` and :mod:`tasks.iowork`.
+
+Clients need none of this to send work: ``app.send_task(name, args)`` goes by
+name, and the executor sends functions by reference or by value.
 """
 
-from tasks.app import create_app
-from tasks.batching import BatchSizer
-from tasks.cpus import available_cpus
-from tasks.dispatch import ClusterFuture, RemoteTraceback
-from tasks.executor import ClusterExecutor
-from tasks.joblib_backend import BACKEND_NAME as JOBLIB_BACKEND
-from tasks.joblib_backend import ClusterBackend, register
-from tasks.pool import AsyncResult, Pool
-from tasks.runner import PayloadTooLarge
-from tasks.settings import Settings, SettingsError
-from tasks.signing import SignatureError, Signer
+import importlib
+import pkgutil
 
-register()
-
-__all__ = [
-    "JOBLIB_BACKEND",
-    "AsyncResult",
-    "BatchSizer",
-    "ClusterBackend",
-    "ClusterExecutor",
-    "ClusterFuture",
-    "PayloadTooLarge",
-    "Pool",
-    "RemoteTraceback",
-    "Settings",
-    "SettingsError",
-    "SignatureError",
-    "Signer",
-    "available_cpus",
-    "create_app",
-]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,6 +1,6 @@
 """CPU-bound work from the classic parallel-programming examples.
 
-Plain functions: the Celery tasks in :mod:`tasks.jobs` wrap them, and tests
+Plain functions: the Celery tasks in :mod:`tasks.stack` wrap them, and tests
 and benchmarks call them directly.
 """
 

@@ -17,12 +17,19 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks import constants
-from tasks.app import create_app
-from tasks.localstack import flower_command, redis_command, worker_command, write_redis_config
-from tasks.settings import ENV_VARS, Settings
+from taskstack import names
+from taskstack.app import create_app
+from taskstack.services.local import (
+    flower_command,
+    redis_command,
+    worker_command,
+    write_redis_config,
+)
+from taskstack.settings import ENV_VARS, Settings
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+UNSET = {name for name, _ in ENV_VARS.values()} | {"REDIS_PASSWORD", "REDIS_PORT"}
+"""Variables of the caller's own stack that must not leak into the test session's."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -70,14 +77,8 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment variables that reproduce ``settings`` in a child process."""
-    env = dict(os.environ)
-    for field, (name, _) in ENV_VARS.items():
-        value = getattr(settings, field)
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = str(value)
-    return env
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    return {**env, **settings.to_env()}
 
 
 @dataclass
@@ -184,12 +185,12 @@ def start_worker(redis_server: Settings, logs_dir: Path) -> Iterator[Callable[..
 
 @pytest.fixture(scope="session")
 def cpu_worker(start_worker: Callable[..., Worker]) -> Worker:
-    return start_worker(constants.CPU_QUEUE)
+    return start_worker(names.CPU_QUEUE)
 
 
 @pytest.fixture(scope="session")
 def io_worker(start_worker: Callable[..., Worker]) -> Worker:
-    return start_worker(constants.IO_QUEUE)
+    return start_worker(names.IO_QUEUE)
 
 
 @dataclass
@@ -220,7 +221,7 @@ def app(redis_server: Settings) -> Iterator[Celery]:
     """A client app on the session's Redis; the queues start empty."""
     client = create_app(redis_server)
     with client.connection_for_write() as conn:
-        for queue in constants.QUEUES:
+        for queue in names.QUEUES:
             client.amqp.queues[queue].bind(conn.default_channel).purge()
     yield client
     client.close()

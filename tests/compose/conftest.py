@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tasks.settings import ENV_VARS, Settings
+from taskstack.settings import ENV_VARS, Settings
 from tests.conftest import free_port, require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ UP_TIMEOUT_SECONDS = 300
 
 RESTORE_SWEEP_SECONDS = 10
 """How often one consumer looks for expired unacknowledged messages: kombu's Redis
-transport sweeps every ``unacked_restore_interval`` (10 s) as tasks.app sets
+transport sweeps every ``unacked_restore_interval`` (10 s) as taskstack.app sets
 ``unacked_restore_throttle`` to 1."""
 
 

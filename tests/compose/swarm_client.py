@@ -1,7 +1,7 @@
 """A client inside the swarm, run as ``python - SPANS`` in a container on the stack's network.
 
 It maps a function defined here (so shipped by value, signed) over ranges of
-numbers with :class:`tasks.ClusterExecutor`, and prints one JSON line: which
+numbers with :class:`taskstack.ClusterExecutor`, and prints one JSON line: which
 hosts ran the items, and whether every count was right.
 """
 
@@ -11,8 +11,8 @@ import json
 import socket
 import sys
 
-from tasks import ClusterExecutor
 from tasks.compute import count_primes
+from taskstack import ClusterExecutor
 
 SPAN = 20_000
 """Numbers per item above a million: a few tens of milliseconds each."""

@@ -34,8 +34,9 @@ import redis
 from celery.exceptions import WorkerLostError
 from celery.result import AsyncResult, ResultSet
 
-from tasks import ClusterExecutor, compute, constants
-from tasks.app import create_app
+from tasks import compute
+from taskstack import ClusterExecutor, names
+from taskstack.app import create_app
 from tests.compose import faultwork
 from tests.compose.conftest import (
     CPU_WORKERS,
@@ -159,7 +160,7 @@ def host_redis(stack: Stack) -> redis.Redis:
     return redis.Redis.from_url(stack.client_settings.redis_url)
 
 
-def queued_ids(client: redis.Redis, queue: str = constants.CPU_QUEUE) -> dict[str, bool]:
+def queued_ids(client: redis.Redis, queue: str = names.CPU_QUEUE) -> dict[str, bool]:
     """Task id -> redelivered flag of every message waiting in ``queue``."""
     ids = {}
     for raw in client.lrange(queue, 0, -1):
@@ -396,11 +397,11 @@ def test_queued_tasks_survive_a_broker_restart(faults: Stack, report_row: Row) -
     others |= {c: inspect(c, "{{.State.StartedAt}}") for c in faults.containers("flower")}
     try:
         faults.compose("stop", "worker-cpu")
-        assert client.llen(constants.CPU_QUEUE) == 0
+        assert client.llen(names.CPU_QUEUE) == 0
         spans = [(i * 1_000, (i + 1) * 1_000) for i in range(BROKER_RESTART_TASKS)]
-        results = [app.send_task(constants.COUNT_PRIMES, span) for span in spans]
+        results = [app.send_task(names.COUNT_PRIMES, span) for span in spans]
         report_row.sent = len(results)
-        assert client.llen(constants.CPU_QUEUE) == len(results)
+        assert client.llen(names.CPU_QUEUE) == len(results)
 
         began = inspect(redis_container, "{{.State.StartedAt}}")
         restarting = time.time()
@@ -416,7 +417,7 @@ def test_queued_tasks_survive_a_broker_restart(faults: Stack, report_row: Row) -
         redis_back = time.time() - restarting
         # The append-only file kept every queued task.
         assert until(lambda: client.ping(), 30, "Redis to answer the host")
-        assert client.llen(constants.CPU_QUEUE) == len(results)
+        assert client.llen(names.CPU_QUEUE) == len(results)
 
         faults.compose("start", "worker-cpu")
         values = [result.get(timeout=RESULT_TIMEOUT) for result in results]
@@ -425,9 +426,9 @@ def test_queued_tasks_survive_a_broker_restart(faults: Stack, report_row: Row) -
         report_row.completed = len(values)
 
         # worker-io ran through the restart and reconnected by itself.
-        assert app.send_task(constants.WAIT, (0.2,)).get(timeout=RESULT_TIMEOUT) == 0.2
-        expected = faults.nodes("worker-cpu", constants.CPU_QUEUE) | faults.nodes(
-            "worker-io", constants.IO_QUEUE
+        assert app.send_task(names.WAIT, (0.2,)).get(timeout=RESULT_TIMEOUT) == 0.2
+        expected = faults.nodes("worker-cpu", names.CPU_QUEUE) | faults.nodes(
+            "worker-io", names.IO_QUEUE
         )
         # So did Flower: it lists every worker again, without a restart.
         until(
@@ -514,7 +515,7 @@ def partition(faults: Stack) -> Partition:
             finally:
                 docker("network", "connect", stack.network, victim)
             reconnected_at = time.time()
-        node = f"{constants.CPU_QUEUE}@{victim_host}"
+        node = f"{names.CPU_QUEUE}@{victim_host}"
         until(
             lambda: app.control.ping(destination=[node], timeout=1.0),
             REJOIN_SECONDS,
@@ -529,7 +530,7 @@ def partition(faults: Stack) -> Partition:
         while node not in seen and time.monotonic() < deadline:
             spans = [(start + i * 10_000, start + (i + 1) * 10_000) for i in range(30)]
             start = spans[-1][1]
-            sent = [app.send_task(constants.COUNT_PRIMES_ON, span) for span in spans]
+            sent = [app.send_task(names.COUNT_PRIMES_ON, span) for span in spans]
             for result in sent:
                 value = result.get(timeout=RESULT_TIMEOUT, propagate=False)
                 if isinstance(value, dict):
@@ -589,7 +590,7 @@ def test_partitioned_workers_tasks_are_redelivered_and_it_rejoins(
         assert again.host != partition.victim_host  # done by the other replicas
         assert VISIBILITY_TIMEOUT - 2 <= again.started - first.started <= LATEST_REDELIVERY_AGE
     # Back on the network, it answers and runs tasks again (by itself or restarted).
-    node = f"{constants.CPU_QUEUE}@{partition.victim_host}"
+    node = f"{names.CPU_QUEUE}@{partition.victim_host}"
     assert node in partition.new_task_nodes
     # Only the worker that was cut off may have failed any (see test 3b).
     assert {worker for worker, _ in partition.new_task_failures} <= {node}
@@ -670,7 +671,7 @@ def graceful_stop(faults: Stack) -> GracefulStop:
         with ClusterExecutor(stack.client_settings) as executor:
             # One process each (3 workers x 2): a long and a short of each kind.
             waits = [LONG_TASK_SECONDS, LONG_TASK_SECONDS, SHORT_TASK_SECONDS]
-            plain = [app.send_task(constants.WAIT, (s,), queue=constants.CPU_QUEUE) for s in waits]
+            plain = [app.send_task(names.WAIT, (s,), queue=names.CPU_QUEUE) for s in waits]
             # One map per call, so that each is its own message (bursts of submit share one).
             maps = [
                 executor.map(trace.fn(faultwork.nap), [item], [seconds], chunksize=1)
@@ -801,7 +802,7 @@ def test_graceful_stop_finishes_or_requeues_executor_batches(
 def test_poison_task_is_given_up_and_blocks_nothing(faults: Stack, report_row: Row) -> None:
     ensure_cpu_workers(faults)
     app = create_app(faults.client_settings)
-    batch = app.tasks[constants.RUN_BATCH]
+    batch = app.tasks[names.RUN_BATCH]
     retries, delay = batch.max_retries, batch.default_retry_delay
     # A retry waits in a worker as an ETA message, unacknowledged: were it to wait
     # longer than the visibility timeout, kombu would hand out copies of it.
@@ -825,7 +826,7 @@ def test_poison_task_is_given_up_and_blocks_nothing(faults: Stack, report_row: R
         for future in behind_futures:
             future.add_done_callback(stamp)
         behind_plain = [
-            app.send_task(constants.COUNT_PRIMES, (0, 1_000 + i)) for i in range(POISON_BEHIND)
+            app.send_task(names.COUNT_PRIMES, (0, 1_000 + i)) for i in range(POISON_BEHIND)
         ]
         report_row.sent = 1 + 2 * POISON_BEHIND
 
@@ -948,7 +949,7 @@ def test_sustained_load_keeps_memory_bounded(faults: Stack, report_row: Row) -> 
             futures = [executor.submit(faultwork.cube, i) for i in range(LOAD_SUBMITS)]
             submitted = sum(future.result(timeout=RESULT_TIMEOUT) for future in futures)
         plain = time.time()
-        whoami = ResultSet([app.send_task(constants.WHOAMI) for _ in range(LOAD_PLAIN_TASKS)])
+        whoami = ResultSet([app.send_task(names.WHOAMI) for _ in range(LOAD_PLAIN_TASKS)])
         replies = whoami.get(timeout=300)
         finished = time.time()
     finally:

@@ -12,8 +12,9 @@ from celery import Celery
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tasks import compute, constants
-from tasks.app import create_app
+from tasks import compute
+from taskstack import names
+from taskstack.app import create_app
 from tests.compose.conftest import CPU_WORKERS, Stack, flower_get
 from tests.conftest import wait_for
 
@@ -35,7 +36,7 @@ def client(stack: Stack) -> Iterator[Celery]:
 def test_cpu_tasks_are_correct_and_spread_over_every_cpu_worker(
     stack: Stack, client: Celery
 ) -> None:
-    expected = stack.nodes("worker-cpu", constants.CPU_QUEUE)
+    expected = stack.nodes("worker-cpu", names.CPU_QUEUE)
     assert len(expected) == CPU_WORKERS
     seen: set[str] = set()
     start = 1_000_000
@@ -46,7 +47,7 @@ def test_cpu_tasks_are_correct_and_spread_over_every_cpu_worker(
         assert time.monotonic() < deadline, f"only {sorted(seen)} of {sorted(expected)} ran tasks"
         ranges = [(start + i * PRIMES_SPAN, start + (i + 1) * PRIMES_SPAN) for i in range(60)]
         start = ranges[-1][1]
-        results = [client.send_task(constants.COUNT_PRIMES_ON, r) for r in ranges]
+        results = [client.send_task(names.COUNT_PRIMES_ON, r) for r in ranges]
         replies = [result.get(timeout=RESULT_TIMEOUT) for result in results]
         for (lo, hi), reply in zip(ranges, replies, strict=True):
             assert reply["count"] == compute.count_primes(lo, hi), (lo, hi)
@@ -55,21 +56,19 @@ def test_cpu_tasks_are_correct_and_spread_over_every_cpu_worker(
 
 
 def test_io_tasks_run_on_the_io_worker(stack: Stack, client: Celery) -> None:
-    io_nodes = stack.nodes("worker-io", constants.IO_QUEUE)
+    io_nodes = stack.nodes("worker-io", names.IO_QUEUE)
 
-    waited = client.send_task(constants.WAIT, (0.2,))  # routed to the io queue by the app
+    waited = client.send_task(names.WAIT, (0.2,))  # routed to the io queue by the app
     assert waited.get(timeout=RESULT_TIMEOUT) == 0.2
     assert waited.worker in io_nodes  # recorded thanks to result_extended
 
-    reply = client.send_task(constants.WHOAMI, queue=constants.IO_QUEUE).get(timeout=RESULT_TIMEOUT)
-    assert reply["node"].startswith(f"{constants.IO_QUEUE}@")
+    reply = client.send_task(names.WHOAMI, queue=names.IO_QUEUE).get(timeout=RESULT_TIMEOUT)
+    assert reply["node"].startswith(f"{names.IO_QUEUE}@")
     assert reply["node"] in io_nodes
 
 
 def test_flower_lists_every_worker(stack: Stack) -> None:
-    expected = stack.nodes("worker-cpu", constants.CPU_QUEUE) | stack.nodes(
-        "worker-io", constants.IO_QUEUE
-    )
+    expected = stack.nodes("worker-cpu", names.CPU_QUEUE) | stack.nodes("worker-io", names.IO_QUEUE)
 
     def listed() -> set[str]:
         status, body = flower_get(stack, "/api/workers?refresh=1")

@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tasks import constants
+from taskstack import names
 from tests.compose.conftest import CPU_WORKERS, ROOT, docker, docker_available, flower_get
 from tests.compose.swarm import SERVICES, SwarmStack, deployed, swarm_state
 from tests.conftest import require, wait_for
@@ -71,8 +71,8 @@ def test_a_client_on_the_overlay_maps_over_every_cpu_replica(swarm: SwarmStack) 
 
 
 def test_exposed_flower_lists_every_worker_and_requires_auth(swarm: SwarmStack) -> None:
-    expected = {f"{constants.CPU_QUEUE}@{host}" for host in swarm.hostnames("worker-cpu")} | {
-        f"{constants.IO_QUEUE}@{host}" for host in swarm.hostnames("worker-io")
+    expected = {f"{names.CPU_QUEUE}@{host}" for host in swarm.hostnames("worker-cpu")} | {
+        f"{names.IO_QUEUE}@{host}" for host in swarm.hostnames("worker-io")
     }
     assert flower_get(swarm.stack, "/healthcheck", auth=False)[0] == 200
     assert flower_get(swarm.stack, "/api/workers", auth=False)[0] == 401

@@ -24,8 +24,9 @@ import pytest
 from celery import Celery
 from celery.result import AsyncResult
 
-from tasks import compute, constants
-from tasks.app import create_app
+from tasks import compute
+from taskstack import names
+from taskstack.app import create_app
 from tests.compose.conftest import ROOT, Row, docker, docker_available, redelivery_deadline
 from tests.compose.hosts import Host, can_host_a_second_engine, second_host
 from tests.compose.swarm import LOCAL, SwarmStack, deployed, swarm_state
@@ -61,7 +62,7 @@ class TwoHosts:
         """Celery nodes of the cpu workers on ``host`` (default: this machine)."""
         engine = host.docker if host else LOCAL
         hostnames = self.deployment.hostnames("worker-cpu", engine)
-        return {f"{constants.CPU_QUEUE}@{hostname}" for hostname in hostnames}
+        return {f"{names.CPU_QUEUE}@{hostname}" for hostname in hostnames}
 
     def started_at(self, nodes: set[str]) -> datetime:
         """When the first of these cpu workers' containers (on this machine) started."""
@@ -140,7 +141,7 @@ def send_ranges(
     client: Celery, start: int, count: int
 ) -> list[tuple[tuple[int, int], AsyncResult]]:
     ranges = [(start + i * PRIMES_SPAN, start + (i + 1) * PRIMES_SPAN) for i in range(count)]
-    return [(bounds, client.send_task(constants.COUNT_PRIMES_ON, bounds)) for bounds in ranges]
+    return [(bounds, client.send_task(names.COUNT_PRIMES_ON, bounds)) for bounds in ranges]
 
 
 def test_each_host_runs_a_cpu_worker(hosts: TwoHosts) -> None:

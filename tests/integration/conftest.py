@@ -4,8 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tasks import ClusterExecutor, constants
-from tasks.settings import Settings
+from taskstack import ClusterExecutor, names
+from taskstack.settings import Settings
 from tests.conftest import Worker
 
 
@@ -17,5 +17,5 @@ def executor(redis_server: Settings, cpu_worker: Worker) -> Iterator[ClusterExec
 
 @pytest.fixture
 def io_executor(redis_server: Settings, io_worker: Worker) -> Iterator[ClusterExecutor]:
-    with ClusterExecutor(redis_server, queue=constants.IO_QUEUE) as ex:
+    with ClusterExecutor(redis_server, queue=names.IO_QUEUE) as ex:
         yield ex

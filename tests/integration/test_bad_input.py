@@ -15,8 +15,8 @@ from celery import Celery
 from celery.exceptions import NotRegistered, WorkerLostError
 from kombu.exceptions import EncodeError
 
-from tasks import ClusterExecutor, PayloadTooLarge, constants
-from tasks.settings import Settings
+from taskstack import ClusterExecutor, PayloadTooLarge, names
+from taskstack.settings import Settings
 from tests.conftest import Worker, wait_for
 from tests.integration import work
 
@@ -26,16 +26,17 @@ RESULT_TIMEOUT = 60
 
 
 def assert_still_serving(app: Celery, worker: Worker) -> None:
-    assert app.send_task(constants.COUNT_PRIMES, (0, 100)).get(timeout=RESULT_TIMEOUT) == 25
+    assert app.send_task(names.COUNT_PRIMES, (0, 100)).get(timeout=RESULT_TIMEOUT) == 25
     assert worker.service.process.poll() is None
 
 
 def test_unknown_task_name_fails_its_result_and_is_logged(app: Celery, cpu_worker: Worker) -> None:
-    result = app.send_task("tasks.no_such_task", (1,), queue=constants.CPU_QUEUE)
-    with pytest.raises(NotRegistered, match=r"tasks\.no_such_task"):
+    result = app.send_task("taskstack.no_such_task", (1,), queue=names.CPU_QUEUE)
+    with pytest.raises(NotRegistered, match=r"taskstack\.no_such_task"):
         result.get(timeout=RESULT_TIMEOUT)
     assert (
-        "Received unregistered task of type 'tasks.no_such_task'" in cpu_worker.service.log_text()
+        "Received unregistered task of type 'taskstack.no_such_task'"
+        in cpu_worker.service.log_text()
     )
     assert_still_serving(app, cpu_worker)
 
@@ -52,16 +53,16 @@ def test_wrong_argument_count_or_type(
     app: Celery, cpu_worker: Worker, args: tuple[object, ...], message: str
 ) -> None:
     with pytest.raises(TypeError, match=message):
-        app.send_task(constants.COUNT_PRIMES, args).get(timeout=RESULT_TIMEOUT)
+        app.send_task(names.COUNT_PRIMES, args).get(timeout=RESULT_TIMEOUT)
     assert_still_serving(app, cpu_worker)
 
 
 def test_non_json_arguments_are_refused_before_sending(app: Celery, redis_server: Settings) -> None:
     client = redis.Redis.from_url(redis_server.redis_url)
-    before = client.llen(constants.CPU_QUEUE)
+    before = client.llen(names.CPU_QUEUE)
     with pytest.raises(EncodeError, match="not JSON serializable"):
-        app.send_task(constants.COUNT_PRIMES, (object(), 10))
-    assert client.llen(constants.CPU_QUEUE) == before
+        app.send_task(names.COUNT_PRIMES, (object(), 10))
+    assert client.llen(names.CPU_QUEUE) == before
     client.close()
 
 
@@ -94,7 +95,7 @@ def test_malformed_messages_in_the_queue_are_dropped_and_logged(
 ) -> None:
     tripwire = tmp_path / "unpickled"
     client = redis.Redis.from_url(redis_server.redis_url)
-    good_before = app.send_task(constants.COUNT_PRIMES, (0, 10))
+    good_before = app.send_task(names.COUNT_PRIMES, (0, 10))
     envelope = {
         "body": "bm90IGpzb24=",  # base64 of "not json"
         "content-encoding": "utf-8",
@@ -103,20 +104,20 @@ def test_malformed_messages_in_the_queue_are_dropped_and_logged(
         "properties": {
             "body_encoding": "base64",
             "delivery_tag": "bad-1",
-            "delivery_info": {"exchange": "", "routing_key": constants.CPU_QUEUE},
+            "delivery_info": {"exchange": "", "routing_key": names.CPU_QUEUE},
             "priority": 0,
         },
     }
-    client.lpush(constants.CPU_QUEUE, b"\x00 this is not a message")
-    client.lpush(constants.CPU_QUEUE, json.dumps({"not": "an envelope"}))
-    client.lpush(constants.CPU_QUEUE, json.dumps(envelope))
+    client.lpush(names.CPU_QUEUE, b"\x00 this is not a message")
+    client.lpush(names.CPU_QUEUE, json.dumps({"not": "an envelope"}))
+    client.lpush(names.CPU_QUEUE, json.dumps(envelope))
     # A pickled plain task: the workers accept JSON only, so it must never be loaded.
-    app.send_task(constants.COUNT_PRIMES, (Tripwire(str(tripwire)), 10), serializer="pickle")
-    good_after = app.send_task(constants.COUNT_PRIMES, (0, 100))
+    app.send_task(names.COUNT_PRIMES, (Tripwire(str(tripwire)), 10), serializer="pickle")
+    good_after = app.send_task(names.COUNT_PRIMES, (0, 100))
 
     assert good_before.get(timeout=RESULT_TIMEOUT) == 4
     assert good_after.get(timeout=RESULT_TIMEOUT) == 25
-    wait_for(lambda: client.llen(constants.CPU_QUEUE) == 0, 30, "the queue to drain")
+    wait_for(lambda: client.llen(names.CPU_QUEUE) == 0, 30, "the queue to drain")
     log = cpu_worker.service.log_text()
     assert "dropping a malformed message from the queue (not JSON" in log
     assert "dropping a malformed message from the queue (not a message envelope)" in log
@@ -149,7 +150,7 @@ def test_poison_call_is_given_up_and_does_not_block_the_queue(
 
 
 def test_pickle_is_not_an_accepted_content_type(redis_server: Settings) -> None:
-    from tasks.app import create_app
+    from taskstack.app import create_app
 
     conf = create_app(redis_server).conf
     assert list(conf.accept_content) == ["json"]

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import redis
 
-from tasks import ClusterExecutor, RemoteTraceback, SignatureError, Signer, constants, wire
-from tasks.app import create_app
-from tasks.dispatch import Dispatcher, MapJob
-from tasks.settings import Settings
+from taskstack import ClusterExecutor, RemoteTraceback, SignatureError, Signer, names
+from taskstack.app import create_app
+from taskstack.client.dispatch import Dispatcher
+from taskstack.client.results import MapJob
+from taskstack.settings import Settings
 from tests.conftest import Worker, wait_for
 from tests.integration import work
 
@@ -139,7 +140,7 @@ def test_submit_after_shutdown_raises(redis_server: Settings, cpu_worker: Worker
 
 
 def test_shutdown_waits_for_submitted_work(redis_server: Settings, io_worker: Worker) -> None:
-    executor = ClusterExecutor(redis_server, queue=constants.IO_QUEUE)
+    executor = ClusterExecutor(redis_server, queue=names.IO_QUEUE)
     futures = [executor.submit(work.nap, 0.2) for _ in range(6)]
     executor.shutdown(wait=True)
     assert all(f.done() and f.result() == 0.2 for f in futures)
@@ -170,11 +171,11 @@ def test_bad_chunksize_is_refused(executor: ClusterExecutor) -> None:
 def _send_raw_batch(settings: Settings, blob: bytes) -> tuple[str, bytes]:
     """Push a batch message as an attacker on the broker would; return its reply."""
     app = create_app(settings)
-    reply_to = constants.REPLY_KEY_PREFIX + secrets.token_hex(8)
+    reply_to = names.REPLY_KEY_PREFIX + secrets.token_hex(8)
     app.send_task(
-        constants.RUN_BATCH,
+        names.RUN_BATCH,
         kwargs={"payload": base64.b64encode(blob).decode(), "reply_to": reply_to},
-        queue=constants.CPU_QUEUE,
+        queue=names.CPU_QUEUE,
     )
     client = redis.Redis.from_url(settings.redis_url)
     _, reply = client.blpop([reply_to], timeout=30) or (None, b"")
@@ -206,7 +207,7 @@ def test_forged_payloads_are_refused_and_never_unpickled(
         "tampered": genuine[:-1] + bytes([genuine[-1] ^ 1]),
     }[forge]
     _, reply = _send_raw_batch(redis_server, blob)
-    assert reply[:1] == wire.FAILED
+    assert reply[:1] == names.FAILED
     assert b"signature" in reply
     assert not tripwire.exists()
     assert cpu_worker.service.process.poll() is None
@@ -246,7 +247,7 @@ def test_shutdown_is_not_left_waiting_by_a_cancelled_map(redis_server: Settings)
     wakes its waiters first come, first served, and the sender waits first.
     """
     app = create_app(redis_server)
-    dispatcher = Dispatcher(app, redis_server.secret, constants.CPU_QUEUE)
+    dispatcher = Dispatcher(app, redis_server.secret, names.CPU_QUEUE)
     try:
         wait_for(lambda: len(dispatcher._cv._waiters) == 1, 10, "the sender to idle")  # type: ignore[attr-defined]
         job = MapJob(work.add, [(1, 2), (3, 4)])

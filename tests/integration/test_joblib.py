@@ -5,8 +5,8 @@ from __future__ import annotations
 import joblib
 import pytest
 
-from tasks import JOBLIB_BACKEND
-from tasks.settings import Settings
+from taskstack import JOBLIB_BACKEND
+from taskstack.settings import Settings
 from tests.conftest import Worker
 from tests.integration import work
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tasks import Pool
-from tasks.settings import Settings
+from taskstack import Pool
+from taskstack.settings import Settings
 from tests.conftest import Worker
 from tests.integration import work
 

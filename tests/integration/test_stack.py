@@ -15,8 +15,9 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks import compute, constants
-from tasks.settings import Settings
+from tasks import compute
+from taskstack import names
+from taskstack.settings import Settings
 from tests.conftest import Flower, Worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -26,11 +27,11 @@ RESULT_TIMEOUT = 60
 
 def test_cpu_tasks_return_correct_results(app: Celery, cpu_worker: Worker) -> None:
     calls: list[tuple[str, tuple[Any, ...], Any]] = [
-        (constants.COUNT_PRIMES, (0, 20_000), compute.count_primes(0, 20_000)),
-        (constants.MONTE_CARLO_PI, (20_000, 7), compute.monte_carlo_pi(20_000, 7)),
-        (constants.MATMUL_TRACE, (40, 3), compute.matmul_trace(40, 3)),
+        (names.COUNT_PRIMES, (0, 20_000), compute.count_primes(0, 20_000)),
+        (names.MONTE_CARLO_PI, (20_000, 7), compute.monte_carlo_pi(20_000, 7)),
+        (names.MATMUL_TRACE, (40, 3), compute.matmul_trace(40, 3)),
         (
-            constants.MANDELBROT_TILE,
+            names.MANDELBROT_TILE,
             (-2.0, -1.0, 1.0, 1.0, 12, 8, 30),
             compute.mandelbrot_tile(-2.0, -1.0, 1.0, 1.0, 12, 8, 30),
         ),
@@ -43,11 +44,11 @@ def test_cpu_tasks_return_correct_results(app: Celery, cpu_worker: Worker) -> No
 def test_cpu_work_runs_in_prefork_children_and_io_work_in_threads(
     app: Celery, cpu_worker: Worker, io_worker: Worker
 ) -> None:
-    on_cpu = app.send_task(constants.WHOAMI).get(timeout=RESULT_TIMEOUT)
-    on_io = app.send_task(constants.WHOAMI, queue=constants.IO_QUEUE).get(timeout=RESULT_TIMEOUT)
+    on_cpu = app.send_task(names.WHOAMI).get(timeout=RESULT_TIMEOUT)
+    on_io = app.send_task(names.WHOAMI, queue=names.IO_QUEUE).get(timeout=RESULT_TIMEOUT)
 
     assert on_cpu["node"] == cpu_worker.node
-    assert on_cpu["queue"] == constants.CPU_QUEUE
+    assert on_cpu["queue"] == names.CPU_QUEUE
     assert on_cpu["pid"] != cpu_worker.service.process.pid  # a forked child ran it
     assert on_cpu["thread"] == "MainThread"
     assert on_io["node"] == io_worker.node
@@ -79,7 +80,7 @@ def http_server() -> Iterator[str]:
 def test_io_task_is_routed_to_the_io_queue_and_fetches(
     app: Celery, io_worker: Worker, http_server: str
 ) -> None:
-    result = app.send_task(constants.FETCH_URL, (http_server,))
+    result = app.send_task(names.FETCH_URL, (http_server,))
     fetched = result.get(timeout=RESULT_TIMEOUT)
     assert fetched["status"] == 200
     assert fetched["size"] == len(b"hello from loopback")
@@ -97,10 +98,10 @@ def test_io_task_is_routed_to_the_io_queue_and_fetches(
 def test_bad_arguments_give_a_clear_error_and_the_worker_keeps_serving(
     app: Celery, cpu_worker: Worker, args: tuple[Any, ...], error: type[Exception], message: str
 ) -> None:
-    bad = app.send_task(constants.COUNT_PRIMES, args)
+    bad = app.send_task(names.COUNT_PRIMES, args)
     with pytest.raises(error, match=re.escape(message)):
         bad.get(timeout=RESULT_TIMEOUT)
-    assert app.send_task(constants.COUNT_PRIMES, (0, 100)).get(timeout=RESULT_TIMEOUT) == 25
+    assert app.send_task(names.COUNT_PRIMES, (0, 100)).get(timeout=RESULT_TIMEOUT) == 25
     assert cpu_worker.service.process.poll() is None
 
 
@@ -134,11 +135,11 @@ def test_flower_lists_both_workers(flower: Flower, cpu_worker: Worker, io_worker
 def test_flower_counts_the_tasks_that_were_sent(
     app: Celery, flower: Flower, cpu_worker: Worker
 ) -> None:
-    sent = {app.send_task(constants.MONTE_CARLO_PI, (1000, seed)).id for seed in range(7)}
-    failed = app.send_task(constants.MONTE_CARLO_PI, (-1,)).id
+    sent = {app.send_task(names.MONTE_CARLO_PI, (1000, seed)).id for seed in range(7)}
+    failed = app.send_task(names.MONTE_CARLO_PI, (-1,)).id
 
     def seen() -> dict[str, str]:
-        tasks = _flower_get(flower, f"/api/tasks?taskname={constants.MONTE_CARLO_PI}")
+        tasks = _flower_get(flower, f"/api/tasks?taskname={names.MONTE_CARLO_PI}")
         return {tid: t["state"] for tid, t in tasks.items() if tid in sent | {failed}}
 
     states = wait_for(

@@ -11,11 +11,10 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from tasks import constants
-from tasks.app import SOFT_SHUTDOWN_SECONDS
-from tasks.hardening import EXIT_WEDGED, SHUTDOWN_DEADLINE_SECONDS
-from tasks.runner import capacity
-from tasks.settings import Settings
+from taskstack import names
+from taskstack.capacity import capacity
+from taskstack.settings import Settings
+from taskstack.worker.shutdown import EXIT_WEDGED, SHUTDOWN_DEADLINE_SECONDS, SOFT_SHUTDOWN_SECONDS
 from tests.conftest import Worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -32,12 +31,12 @@ def test_capacity_is_announced_and_withdrawn(
     redis_server: Settings, start_worker: Callable[..., Worker]
 ) -> None:
     client = redis.Redis.from_url(redis_server.redis_url)
-    key = constants.CAPACITY_KEY_PREFIX + constants.CPU_QUEUE
-    worker = start_worker(constants.CPU_QUEUE)
+    key = names.CAPACITY_KEY_PREFIX + names.CPU_QUEUE
+    worker = start_worker(names.CPU_QUEUE)
     entry = wait_for(lambda: client.hget(key, worker.node), 10, "the capacity entry")
     processes, _expires = entry.split()
     assert int(processes) == redis_server.cpu_concurrency
-    assert capacity(client, constants.CPU_QUEUE) >= redis_server.cpu_concurrency
+    assert capacity(client, names.CPU_QUEUE) >= redis_server.cpu_concurrency
     worker.service.stop(timeout=SOFT_SHUTDOWN_SECONDS + SHUTDOWN_DEADLINE_SECONDS)
     assert worker.service.process.returncode != EXIT_WEDGED
     assert client.hget(key, worker.node) is None  # gone at once, not when it expires
@@ -46,7 +45,7 @@ def test_capacity_is_announced_and_withdrawn(
 
 def test_a_wedged_shutdown_still_ends_the_process(start_worker: Callable[..., Worker]) -> None:
     """Pool children that never exit would hold the worker's teardown forever."""
-    worker = start_worker(constants.CPU_QUEUE)
+    worker = start_worker(names.CPU_QUEUE)
     stuck = children(worker)
     assert stuck, "the prefork worker has no children"
     for pid in stuck:

@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from tasks.batching import BatchSizer
-from tasks.dispatch import MapJob, ordered, unordered
+from taskstack.client.batching import BatchSizer
+from taskstack.client.results import MapJob, ordered, unordered
 
 
 def test_guided_batches_shrink_towards_the_end() -> None:

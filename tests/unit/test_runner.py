@@ -7,11 +7,11 @@ import base64
 import pytest
 from celery.exceptions import Reject
 
-from tasks import constants
-from tasks.app import create_app
-from tasks.runner import run_batch
-from tasks.settings import Settings
-from tasks.signing import Signer
+from taskstack import names
+from taskstack.app import create_app
+from taskstack.settings import Settings
+from taskstack.signing import Signer
+from taskstack.worker.runner import run_batch
 from tests.conftest import free_port
 
 
@@ -23,7 +23,7 @@ def test_an_undeliverable_reply_requeues_the_batch() -> None:
     run_batch.push_request(id="batch-1")
     try:
         with pytest.raises(Reject) as rejected:
-            run_batch.run(payload, constants.REPLY_KEY_PREFIX + "client", notify_start=True)
+            run_batch.run(payload, names.REPLY_KEY_PREFIX + "client", notify_start=True)
     finally:
         run_batch.pop_request()
         app.close()

@@ -3,11 +3,12 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from tasks import constants
-from tasks.cpus import available_cpus, cgroup_quota
-from tasks.localstack import redis_config
-from tasks.settings import Settings, SettingsError
-from tasks.worker import worker_argv
+from taskstack import names
+from taskstack.errors import SettingsError
+from taskstack.services.local import redis_config
+from taskstack.settings import Settings
+from taskstack.worker.cpus import available_cpus, cgroup_quota
+from taskstack.worker.main import worker_argv
 
 URL = "redis://:pw@redis:6379/0"
 
@@ -142,11 +143,11 @@ def test_cgroup_quota_v1_and_missing(tmp_path: Path) -> None:
 
 def test_worker_argv_picks_the_pool_per_queue() -> None:
     settings = Settings(cpu_concurrency=3, io_concurrency=12)
-    cpu = worker_argv(constants.CPU_QUEUE, settings)
-    io = worker_argv(constants.IO_QUEUE, settings)
+    cpu = worker_argv(names.CPU_QUEUE, settings)
+    io = worker_argv(names.IO_QUEUE, settings)
     assert {"--pool=prefork", "--concurrency=3", "--queues=cpu", "--hostname=cpu@%h"} <= set(cpu)
     assert {"--pool=threads", "--concurrency=12", "--queues=io", "--hostname=io@%h"} <= set(io)
-    default = worker_argv(constants.CPU_QUEUE, Settings())
+    default = worker_argv(names.CPU_QUEUE, Settings())
     assert f"--concurrency={available_cpus()}" in default
 
 

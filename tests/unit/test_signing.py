@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runner import pack_outcomes, run_calls
-from tasks.signing import TAG_SIZE, SignatureError, Signer
+from taskstack.errors import SignatureError
+from taskstack.signing import TAG_SIZE, Signer
+from taskstack.worker.runner import pack_outcomes, run_calls
 
 
 class Tripwire:

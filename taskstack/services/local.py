@@ -1,9 +1,10 @@
 """The stack as local processes, for machines without Docker: ``taskstack-local``.
 
 Starts ``redis-server`` (unless ``REDIS_URL`` names one), a ``cpu`` worker, an
-``io`` worker and Flower, prefixes their output with their names, and stops
-them all on Ctrl-C (honcho does the process management). The integration
-tests start the very same commands.
+``io`` worker and Flower, prefixes their output with their names (honcho does
+the process management). On Ctrl-C the workers and Flower stop first, each
+given the workers' full soft shutdown, and Redis last, so that the tasks the
+workers hand back reach it. The integration tests start the very same commands.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import argparse
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tasks import constants
-from tasks.settings import Settings, SettingsError
+from taskstack import names
+from taskstack.errors import SettingsError
+from taskstack.settings import Settings
+from taskstack.worker.shutdown import STOP_GRACE_PERIOD_SECONDS
 
 STATE_DIR = Path(".taskstack")
 
@@ -50,11 +54,11 @@ def write_redis_config(settings: Settings, data_dir: Path) -> Path:
 
 
 def worker_command(queue: str, hostname: str = "%h") -> list[str]:
-    return [sys.executable, "-m", "tasks.worker", queue, f"--hostname={hostname}"]
+    return [sys.executable, "-m", "taskstack.worker.main", queue, f"--hostname={hostname}"]
 
 
 def flower_command(port: int, db: Path | None = None) -> list[str]:
-    command = [sys.executable, "-m", "tasks.monitor", f"--port={port}"]
+    command = [sys.executable, "-m", "taskstack.services.flower", f"--port={port}"]
     return command + ([f"--db={db}"] if db else [])
 
 
@@ -69,33 +73,44 @@ def redis_command(config: Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from honcho.manager import Manager  # only this command needs honcho
+    import honcho.manager  # only this command needs honcho
 
     parser = argparse.ArgumentParser(prog="taskstack-local", description=__doc__)
     parser.add_argument("--flower-port", type=int, default=int(os.environ.get("FLOWER_PORT", 5555)))
     parser.add_argument("--state-dir", type=Path, default=STATE_DIR)
     args = parser.parse_args(argv)
+    redis_argv: list[str] | None = None
     try:
         settings = Settings.from_env()
         settings.check_exposure()
-        commands: dict[str, list[str]] = {}
         if not os.environ.get("REDIS_URL"):
-            commands["redis"] = redis_command(
-                write_redis_config(settings, args.state_dir / "redis")
-            )
+            redis_argv = redis_command(write_redis_config(settings, args.state_dir / "redis"))
     except (SettingsError, FileNotFoundError) as exc:
         sys.exit(f"taskstack-local: {exc}")
-    for queue in constants.QUEUES:
-        commands[f"worker-{queue}"] = worker_command(queue)
-    commands["flower"] = flower_command(args.flower_port, args.state_dir / "flower.db")
-    manager = Manager()
-    for name, command in commands.items():
-        manager.add_process(name, shlex.join(command))
+    # Redis runs outside honcho, in a session of its own (Ctrl-C in the terminal
+    # does not reach it), and stops only once honcho has stopped the rest.
+    redis_process = subprocess.Popen(redis_argv, start_new_session=True) if redis_argv else None
+    # honcho SIGKILLs whatever still runs 5 s after Ctrl-C: a worker needs its soft shutdown.
+    honcho.manager.KILL_WAIT = STOP_GRACE_PERIOD_SECONDS
+    manager = honcho.manager.Manager()
+    for queue in names.QUEUES:
+        manager.add_process(f"worker-{queue}", shlex.join(worker_command(queue)))
+    flower = flower_command(args.flower_port, args.state_dir / "flower.db")
+    manager.add_process("flower", shlex.join(flower))
     print(
         f"Flower: http://127.0.0.1:{args.flower_port} (user {settings.flower_user!r})",
         file=sys.stderr,
     )
-    manager.loop()
+    try:
+        manager.loop()
+    finally:
+        if redis_process is not None:
+            redis_process.terminate()  # redis-server saves its append-only file and exits
+            try:
+                redis_process.wait(STOP_GRACE_PERIOD_SECONDS)
+            except subprocess.TimeoutExpired:
+                redis_process.kill()
+                redis_process.wait()
     sys.exit(manager.returncode)
 
 

@@ -10,11 +10,13 @@ from typing import Any, ParamSpec, TypeVar
 from celery import Celery
 from tqdm.auto import tqdm
 
-from tasks import constants
-from tasks.app import create_app
-from tasks.batching import BatchSizer
-from tasks.dispatch import ClusterFuture, Dispatcher, MapJob, argtuples, ordered, unordered
-from tasks.settings import Settings
+from taskstack import names
+from taskstack.app import create_app
+from taskstack.client.batching import BatchSizer
+from taskstack.client.dispatch import Dispatcher
+from taskstack.client.futures import ClusterFuture
+from taskstack.client.results import MapJob, argtuples, ordered, unordered
+from taskstack.settings import Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -38,12 +40,12 @@ class ClusterExecutor(Executor):
         self,
         settings: Settings | None = None,
         *,
-        queue: str = constants.CPU_QUEUE,
+        queue: str = names.CPU_QUEUE,
         app: Celery | None = None,
         sizer: BatchSizer | None = None,
     ) -> None:
-        if queue not in constants.QUEUES:
-            raise ValueError(f"queue must be one of {constants.QUEUES}, got {queue!r}")
+        if queue not in names.QUEUES:
+            raise ValueError(f"queue must be one of {names.QUEUES}, got {queue!r}")
         self._settings = settings or Settings.from_env()
         self._app = app or create_app(self._settings)
         self._owns_app = app is None

@@ -1,4 +1,4 @@
-"""Worker side of the executor: the batch task and the capacity beacon.
+"""Worker side of the executor: the batch task.
 
 The batch task verifies a signed batch of calls, runs them one after the
 other in the worker process that picked it up, and pushes the outcomes to the
@@ -12,48 +12,29 @@ import base64
 import binascii
 import json
 import logging
-import os
-import threading
 import time
 import traceback
-from typing import Any, ClassVar
+from typing import Any
 
 import redis
-from celery import Task, bootsteps, shared_task
+from celery import Task, shared_task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import task_failure
 
-from tasks import constants, wire
-from tasks.signing import SignatureError, Signer
+from taskstack import names
+from taskstack.connections import shared
+from taskstack.errors import PayloadTooLarge, SignatureError
+from taskstack.signing import Signer
 
 logger = logging.getLogger(__name__)
-
-SECRET_SETTING = "taskstack_secret"
-"""app.conf key holding the signing secret (Celery masks keys naming SECRET in inspect)."""
-MAX_PAYLOAD_SETTING = "taskstack_max_payload_bytes"
-
-
-class PayloadTooLarge(ValueError):
-    """A batch is larger than MAX_PAYLOAD_BYTES."""
-
 
 REPLY_TTL_SECONDS = 24 * 3600
 """A reply list outlives any batch; a client that vanished leaves it to expire."""
 
-_clients: dict[tuple[int, str], redis.Redis] = {}
 
-
-def _redis(url: str) -> redis.Redis:
-    """One connection pool per process: prefork children must not share their parent's."""
-    key = (os.getpid(), url)
-    if key not in _clients:
-        _clients[key] = redis.Redis.from_url(url, **constants.REDIS_CONNECTION)
-    return _clients[key]
-
-
-def run_calls(calls: wire.Batch) -> list[wire.Outcome]:
+def run_calls(calls: names.Batch) -> list[names.Outcome]:
     """Run each call, capturing its value or its exception with the traceback text."""
-    outcomes: list[wire.Outcome] = []
+    outcomes: list[names.Outcome] = []
     for fn, args, kwargs in calls:
         try:
             value = fn(*args, **kwargs) if kwargs else fn(*args)
@@ -69,7 +50,7 @@ def run_calls(calls: wire.Batch) -> list[wire.Outcome]:
     return outcomes
 
 
-def pack_outcomes(signer: Signer, outcomes: list[wire.Outcome], seconds: float) -> bytes:
+def pack_outcomes(signer: Signer, outcomes: list[names.Outcome], seconds: float) -> bytes:
     """Sign the outcomes; a value or exception that cannot be pickled becomes an error."""
     try:
         return signer.dumps((outcomes, seconds))
@@ -78,7 +59,7 @@ def pack_outcomes(signer: Signer, outcomes: list[wire.Outcome], seconds: float) 
         return signer.dumps((safe, seconds))
 
 
-def _picklable(signer: Signer, outcome: wire.Outcome) -> wire.Outcome:
+def _picklable(signer: Signer, outcome: names.Outcome) -> names.Outcome:
     try:
         signer.dumps(outcome)
     except Exception as exc:
@@ -89,7 +70,7 @@ def _picklable(signer: Signer, outcome: wire.Outcome) -> wire.Outcome:
     return outcome
 
 
-@shared_task(name=constants.RUN_BATCH, bind=True, ignore_result=True)
+@shared_task(name=names.RUN_BATCH, bind=True, ignore_result=True)
 def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = False) -> int:
     """Run one signed batch and reply to ``reply_to``; returns how many calls ran.
 
@@ -106,21 +87,19 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
 
 def _run_batch(task: Task, payload: str, reply_to: str, notify_start: bool) -> int:
     batch_id = task.request.id
-    client = _redis(task.app.conf.broker_url)
+    client = shared(task.app.conf.broker_url)
     try:
-        if not reply_to.startswith(constants.REPLY_KEY_PREFIX):
-            raise ValueError(
-                f"reply_to must be a {constants.REPLY_KEY_PREFIX}* key, got {reply_to!r}"
-            )
-        signer = Signer(task.app.conf[SECRET_SETTING])
-        limit = task.app.conf[MAX_PAYLOAD_SETTING]
+        if not reply_to.startswith(names.REPLY_KEY_PREFIX):
+            raise ValueError(f"reply_to must be a {names.REPLY_KEY_PREFIX}* key, got {reply_to!r}")
+        signer = Signer(task.app.conf[names.SECRET_SETTING])
+        limit = task.app.conf[names.MAX_PAYLOAD_SETTING]
         if len(payload) * 3 // 4 > limit:  # checked before decoding anything
             raise PayloadTooLarge(
                 f"batch payload of about {len(payload) * 3 // 4:,} bytes exceeds "
                 f"MAX_PAYLOAD_BYTES={limit:,}"
             )
         blob = base64.b64decode(payload, validate=True)
-        calls: wire.Batch = signer.loads(blob)
+        calls: names.Batch = signer.loads(blob)
     except (SignatureError, ValueError, binascii.Error) as exc:
         _reply_failed(client, reply_to, batch_id, exc)
         raise
@@ -131,25 +110,25 @@ def _run_batch(task: Task, payload: str, reply_to: str, notify_start: bool) -> i
             "module on the workers too, or call cloudpickle.register_pickle_by_value(module)"
         )
         outcomes = [(False, (error, traceback.format_exc()))]
-        _reply(client, reply_to, wire.DONE + batch_id.encode() + signer.dumps((outcomes, 0.0)))
+        _reply(client, reply_to, names.DONE + batch_id.encode() + signer.dumps((outcomes, 0.0)))
         raise error from exc
     if notify_start:  # marks the futures running; the outcomes matter, this does not
         try:
-            _reply(client, reply_to, wire.STARTED + batch_id.encode())
+            _reply(client, reply_to, names.STARTED + batch_id.encode())
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.warning("batch %s: could not report its start (%s)", batch_id, exc)
     started = time.perf_counter()
     outcomes = run_calls(calls)
     seconds = time.perf_counter() - started
     _reply(
-        client, reply_to, wire.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds)
+        client, reply_to, names.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds)
     )
     return len(outcomes)
 
 
 def _reply_failed(client: redis.Redis, reply_to: str, batch_id: str, exc: BaseException) -> None:
     notice = {"id": batch_id, "type": type(exc).__name__, "error": str(exc)}
-    _reply(client, reply_to, wire.FAILED + json.dumps(notice).encode())
+    _reply(client, reply_to, names.FAILED + json.dumps(notice).encode())
     exc.__dict__["taskstack_replied"] = True
 
 
@@ -167,14 +146,14 @@ def _batch_failed(
     like as failures without running the task body to its end: without this
     reply the client's futures would wait forever.
     """
-    if sender is None or sender.name != constants.RUN_BATCH or exception is None:
+    if sender is None or sender.name != names.RUN_BATCH or exception is None:
         return
     if getattr(exception, "__dict__", {}).get("taskstack_replied"):
         return
     reply_to = (kwargs or {}).get("reply_to", "")
-    if task_id and reply_to.startswith(constants.REPLY_KEY_PREFIX):
+    if task_id and reply_to.startswith(names.REPLY_KEY_PREFIX):
         try:
-            _reply_failed(_redis(sender.app.conf.broker_url), reply_to, task_id, exception)
+            _reply_failed(shared(sender.app.conf.broker_url), reply_to, task_id, exception)
         except redis.RedisError:
             logger.exception("could not tell %s that batch %s failed", reply_to, task_id)
 
@@ -185,65 +164,3 @@ def _reply(client: redis.Redis, key: str, message: bytes) -> None:
         pipe.rpush(key, message)
         pipe.expire(key, REPLY_TTL_SECONDS)
         pipe.execute()
-
-
-class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Publishes how many processes this worker runs for each queue it consumes.
-
-    Executor clients size their batches from the sum over live workers; an entry
-    expires unless refreshed, so a killed worker drops out by itself. The beacon
-    has its own thread: a Redis call that waits out a partition must not stall
-    the worker's event loop (and with it the pool's time limits and results).
-    """
-
-    requires: ClassVar = {"celery.worker.components:Pool"}
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def start(self, worker: Any) -> None:
-        self.thread = threading.Thread(
-            target=self.run, args=(worker,), name="taskstack-capacity", daemon=True
-        )
-        self.thread.start()
-
-    def stop(self, worker: Any) -> None:
-        self.stopping.set()
-        if self.thread is not None:
-            self.thread.join(timeout=constants.CAPACITY_WITHDRAW_SECONDS)
-
-    terminate = stop
-
-    def run(self, worker: Any) -> None:
-        client = _redis(worker.app.conf.broker_url)
-        queues = list(worker.app.amqp.queues.consume_from)
-        while True:
-            value = f"{worker.concurrency} {time.time() + constants.CAPACITY_TTL_SECONDS}"
-            try:
-                for queue in queues:
-                    client.hset(constants.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)
-            except redis.RedisError as exc:  # the broker is away: consumers reconnect alone
-                logger.warning("capacity beacon: %s", exc)
-            if self.stopping.wait(constants.CAPACITY_REFRESH_SECONDS):
-                break
-        try:
-            for queue in queues:
-                client.hdel(constants.CAPACITY_KEY_PREFIX + queue, worker.hostname)
-        except redis.RedisError:
-            logger.warning("could not withdraw capacity of %s", worker.hostname)
-
-
-def capacity(client: redis.Redis, queue: str) -> int:
-    """Processes of live workers consuming ``queue``, per their beacons."""
-    now = time.time()
-    total = 0
-    for raw in client.hgetall(constants.CAPACITY_KEY_PREFIX + queue).values():
-        try:
-            processes, expires = raw.split()
-            if float(expires) > now:
-                total += int(processes)
-        except ValueError:
-            continue
-    return total

@@ -11,8 +11,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tasks.app import create_app
-from tasks.settings import Settings, SettingsError
+from taskstack.app import create_app
+from taskstack.errors import SettingsError
+from taskstack.settings import Settings
 
 
 def flower_argv(port: int, address: str, db: str | None) -> list[str]:

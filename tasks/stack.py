@@ -1,7 +1,8 @@
-"""Celery tasks: thin wrappers over :mod:`tasks.compute` and :mod:`tasks.iowork`.
+"""The stack's Celery tasks: thin wrappers over :mod:`tasks.compute` and :mod:`tasks.iowork`.
 
-Tasks are registered by name (see :mod:`tasks.constants`) on whichever app is
-built by :func:`tasks.app.create_app`.
+Their names (``taskstack.count_primes``...) come from :mod:`taskstack.names`,
+so they never clash with a team's; ``shared_task`` registers them on whichever
+app the worker runs.
 """
 
 from __future__ import annotations
@@ -14,56 +15,57 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from tasks import compute, constants, iowork
+from tasks import compute, iowork
+from taskstack import names
 
 
 def _node(task: Task) -> str:
     return task.request.hostname or socket.gethostname()
 
 
-@shared_task(name=constants.COUNT_PRIMES)
+@shared_task(name=names.COUNT_PRIMES)
 def count_primes(start: int, stop: int) -> int:
     return compute.count_primes(start, stop)
 
 
-@shared_task(name=constants.MONTE_CARLO_PI)
+@shared_task(name=names.MONTE_CARLO_PI)
 def monte_carlo_pi(samples: int, seed: int = 0) -> float:
     return compute.monte_carlo_pi(samples, seed)
 
 
-@shared_task(name=constants.MANDELBROT_TILE)
+@shared_task(name=names.MANDELBROT_TILE)
 def mandelbrot_tile(
     x0: float, y0: float, x1: float, y1: float, width: int, height: int, max_iter: int = 100
 ) -> list[list[int]]:
     return compute.mandelbrot_tile(x0, y0, x1, y1, width, height, max_iter)
 
 
-@shared_task(name=constants.MATMUL_TRACE)
+@shared_task(name=names.MATMUL_TRACE)
 def matmul_trace(n: int, seed: int = 0) -> float:
     return compute.matmul_trace(n, seed)
 
 
-@shared_task(name=constants.SPIN)
+@shared_task(name=names.SPIN)
 def spin(iterations: int) -> int:
     return compute.spin(iterations)
 
 
-@shared_task(name=constants.NOOP)
+@shared_task(name=names.NOOP)
 def noop(x: Any = None) -> Any:
     return compute.noop(x)
 
 
-@shared_task(name=constants.FETCH_URL)
+@shared_task(name=names.FETCH_URL)
 def fetch_url(url: str, timeout: float = 10.0) -> dict[str, Any]:
     return dataclasses.asdict(iowork.fetch_url(url, timeout))
 
 
-@shared_task(name=constants.WAIT)
+@shared_task(name=names.WAIT)
 def wait(seconds: float) -> float:
     return iowork.wait(seconds)
 
 
-@shared_task(name=constants.WHOAMI, bind=True)
+@shared_task(name=names.WHOAMI, bind=True)
 def whoami(self: Task) -> dict[str, Any]:
     """Which node, process and pool ran this task: for demos and tests."""
     return {
@@ -74,7 +76,7 @@ def whoami(self: Task) -> dict[str, Any]:
     }
 
 
-@shared_task(name=constants.COUNT_PRIMES_ON, bind=True)
+@shared_task(name=names.COUNT_PRIMES_ON, bind=True)
 def count_primes_on(self: Task, start: int, stop: int) -> dict[str, Any]:
     """:func:`count_primes`, also naming the node that ran it (the demo's per-host tally)."""
     return {"count": compute.count_primes(start, stop), "node": _node(self)}

@@ -15,12 +15,10 @@ from typing import Any
 
 import cloudpickle
 
+from taskstack.errors import SignatureError
+
 TAG_SIZE = hashlib.sha256().digest_size
 _PROTOCOL = 5
-
-
-class SignatureError(ValueError):
-    """A payload was unsigned, truncated, or signed with another secret: it was not unpickled."""
 
 
 class Signer:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
+from taskstack.errors import SettingsError
+
 DEFAULT_REDIS_PASSWORD = "taskstack-local"
 DEFAULT_FLOWER_PASSWORD = "taskstack-local"
 DEFAULT_SECRET = "taskstack-local-secret"
@@ -22,20 +24,16 @@ DEFAULT_SECRET = "taskstack-local-secret"
 T = TypeVar("T")
 
 
-class SettingsError(ValueError):
-    """A setting is missing or malformed; the message names the variable."""
-
-
-def _default_redis_url() -> str:
-    return f"redis://:{quote(DEFAULT_REDIS_PASSWORD)}@127.0.0.1:6379/0"
+def _default_redis_url(port: int = 6379) -> str:
+    return f"redis://:{quote(DEFAULT_REDIS_PASSWORD)}@127.0.0.1:{port}/0"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Configuration of the app, the workers and Flower.
+    """Configuration of the app, the workers, Flower and the clients.
 
-    Each field is read from the environment variable named in its metadata
-    (see :data:`ENV_VARS`).
+    :meth:`from_env` reads each field from the environment variable that
+    :data:`ENV_VARS` names for it.
     """
 
     redis_url: str = _default_redis_url()
@@ -64,6 +62,8 @@ class Settings:
     flower_password: str = DEFAULT_FLOWER_PASSWORD
     bind_address: str = "127.0.0.1"
     """Host address the published ports bind to."""
+    task_modules: tuple[str, ...] = ("tasks",)
+    """Modules a worker imports at start to register its Celery tasks (a team's own too)."""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.redis_url)
@@ -98,6 +98,9 @@ class Settings:
             )
         if not self.secret:
             raise SettingsError("TASKSTACK_SECRET must not be empty")
+        for module in self.task_modules:
+            if not all(part.isidentifier() for part in module.split(".")):
+                raise SettingsError(f"TASK_MODULES names {module!r}, which is no module name")
         try:
             ipaddress.ip_address(self.bind_address)
         except ValueError:
@@ -113,7 +116,9 @@ class Settings:
         (the convention of the official Docker images, made for Docker secrets
         mounted under ``/run/secrets``). ``REDIS_PASSWORD`` or
         ``REDIS_PASSWORD_FILE`` supplies the password of a ``REDIS_URL`` that has
-        none, so that the password can be a secret while the URL is not.
+        none, so that the password can be a secret while the URL is not. Without
+        ``REDIS_URL``, a client reaches the Redis that ``docker compose up``
+        publishes: ``127.0.0.1:$REDIS_PORT`` with ``REDIS_PASSWORD``, as in ``.env``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -122,10 +127,25 @@ class Settings:
             raw = _lookup(env, name)
             if raw:
                 values[field.name] = _parse(name, raw, parse)
+        if "redis_url" not in values:
+            port = _lookup(env, REDIS_PORT_VAR)
+            if port:
+                values["redis_url"] = _default_redis_url(_port(port))
         password = _lookup(env, REDIS_PASSWORD_VAR, strip=False)
         if password:
             values["redis_url"] = _with_password(values.get("redis_url"), password)
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables from which :meth:`from_env` rebuilds these settings."""
+        env: dict[str, str] = {}
+        for field, (name, _) in ENV_VARS.items():
+            value = getattr(self, field)
+            if isinstance(value, tuple):
+                env[name] = ",".join(value)
+            elif value is not None:
+                env[name] = str(value)
+        return env
 
     def check_exposure(self) -> None:
         """Refuse to serve other hosts with a default password or secret."""
@@ -183,6 +203,16 @@ def _with_password(redis_url: str | None, password: str) -> str:
     return url._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
 
 
+def _port(raw: str) -> int:
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError(f"{REDIS_PORT_VAR} must be a port number (1-65535), got {raw!r}")
+    return int(raw)
+
+
+def _modules(raw: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
+
+
 def _positive(name: str, value: float | None) -> None:
     if value is not None and value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
@@ -198,6 +228,8 @@ def _parse(name: str, raw: str, parse: Callable[[str], object]) -> object:
 
 REDIS_PASSWORD_VAR = "REDIS_PASSWORD"
 """Completes a ``REDIS_URL`` given without a password (see :meth:`Settings.from_env`)."""
+REDIS_PORT_VAR = "REDIS_PORT"
+"""The published Redis port a client reaches when ``REDIS_URL`` is unset."""
 
 ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "redis_url": ("REDIS_URL", str),
@@ -214,5 +246,6 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "flower_user": ("FLOWER_USER", str),
     "flower_password": ("FLOWER_PASSWORD", str),
     "bind_address": ("BIND_ADDRESS", str),
+    "task_modules": ("TASK_MODULES", _modules),
 }
 """Settings field -> (environment variable, parser)."""

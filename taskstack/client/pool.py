@@ -11,9 +11,9 @@ from typing import Any, Generic, TypeVar
 
 from celery import Celery
 
-from tasks import constants
-from tasks.executor import ClusterExecutor
-from tasks.settings import Settings
+from taskstack import names
+from taskstack.client.executor import ClusterExecutor
+from taskstack.settings import Settings
 
 R = TypeVar("R")
 
@@ -73,7 +73,7 @@ class Pool:
         processes: int | None = None,
         settings: Settings | None = None,
         *,
-        queue: str = constants.CPU_QUEUE,
+        queue: str = names.CPU_QUEUE,
         app: Celery | None = None,
     ) -> None:
         if processes is not None and processes < 1:

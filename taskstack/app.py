@@ -1,21 +1,19 @@
-"""The Celery app: one factory, every reliability default chosen here."""
+"""The Celery app: one factory, every reliability default chosen here.
+
+Clients and workers build the same app. What only a worker needs (its boot
+steps, its shutdown policy, the task modules it imports) is added by
+:func:`taskstack.worker.install` or imported by the worker at start through
+Celery's ``imports`` setting, so a client never loads worker code.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 from kombu import Queue
 
-from tasks import constants as c
-from tasks.hardening import ShutdownDeadline
-from tasks.runner import MAX_PAYLOAD_SETTING, SECRET_SETTING, CapacityBeacon
-from tasks.settings import Settings
-
-SOFT_SHUTDOWN_SECONDS = 20.0
-"""On SIGTERM running tasks get this long to finish before the worker requeues them.
-
-compose.yaml's ``stop_grace_period`` is longer, so Docker never SIGKILLs a worker
-that is still handing its tasks back.
-"""
+from taskstack import names as c
+from taskstack.connections import REDIS_CONNECTION
+from taskstack.settings import Settings
 
 
 def create_app(settings: Settings) -> Celery:
@@ -23,7 +21,7 @@ def create_app(settings: Settings) -> Celery:
     app = Celery("taskstack", broker=settings.redis_url, backend=settings.redis_url)
     transport_options: dict[str, object] = {
         "visibility_timeout": settings.visibility_timeout,
-        **c.REDIS_CONNECTION,
+        **REDIS_CONNECTION,
         # Look for expired unacked messages every 10 s (kombu scans only every
         # 10th sweep by default): lost work comes back VT + 10 s after, not VT + 100 s.
         "unacked_restore_throttle": 1,
@@ -31,7 +29,7 @@ def create_app(settings: Settings) -> Celery:
     app.conf.update(
         task_queues=[Queue(name) for name in c.QUEUES],
         task_default_queue=c.CPU_QUEUE,
-        task_routes={name: {"queue": c.IO_QUEUE} for name in (c.FETCH_URL, c.WAIT)},
+        task_routes={name: {"queue": c.IO_QUEUE} for name in c.IO_TASKS},
         # Plain tasks speak JSON only; pickle is accepted solely in HMAC-signed form.
         task_serializer="json",
         result_serializer="json",
@@ -59,10 +57,10 @@ def create_app(settings: Settings) -> Celery:
         visibility_timeout=settings.visibility_timeout,
         # The result backend's connections notice a vanished broker like kombu's do
         # (it already retries storing a result for about 20 s).
-        redis_socket_timeout=c.REDIS_CONNECTION["socket_timeout"],
-        redis_socket_connect_timeout=c.REDIS_CONNECTION["socket_connect_timeout"],
-        redis_socket_keepalive=c.REDIS_CONNECTION["socket_keepalive"],
-        redis_backend_health_check_interval=c.REDIS_CONNECTION["health_check_interval"],
+        redis_socket_timeout=REDIS_CONNECTION["socket_timeout"],
+        redis_socket_connect_timeout=REDIS_CONNECTION["socket_connect_timeout"],
+        redis_socket_keepalive=REDIS_CONNECTION["socket_keepalive"],
+        redis_backend_health_check_interval=REDIS_CONNECTION["health_check_interval"],
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         result_expires=settings.result_expires,
@@ -70,21 +68,19 @@ def create_app(settings: Settings) -> Celery:
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.time_limit,
         task_track_started=True,
-        # Events feed Flower's task list and throughput graphs.
+        # Events feed Flower's worker and task pages and its Prometheus /metrics.
         worker_send_task_events=True,
         task_send_sent_event=True,
         # Children are replaced before leaks can pile up.
         worker_max_tasks_per_child=settings.max_tasks_per_child,
         worker_max_memory_per_child=settings.max_memory_per_child,
-        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_SECONDS,
         worker_hijack_root_logger=False,
+        # Only a worker imports these, at start: the batch task, then the task
+        # modules (the stack's own `tasks` package and a team's).
+        imports=(c.RUNNER_MODULE, *settings.task_modules),
     )
     # Not a Celery setting: the batch task's signing key. Celery masks keys that
     # name a SECRET when a worker's configuration is inspected (e.g. by Flower).
-    app.conf[SECRET_SETTING] = settings.secret
-    app.conf[MAX_PAYLOAD_SETTING] = settings.max_payload_bytes
-    app.steps["worker"].add(CapacityBeacon)
-    app.steps["worker"].add(ShutdownDeadline)
-    app.autodiscover_tasks(["tasks"], related_name="jobs", force=True)
-    app.autodiscover_tasks(["tasks"], related_name="runner", force=True)
+    app.conf[c.SECRET_SETTING] = settings.secret
+    app.conf[c.MAX_PAYLOAD_SETTING] = settings.max_payload_bytes
     return app

@@ -15,9 +15,9 @@ from typing import Any
 from joblib import register_parallel_backend
 from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 
-from tasks import constants
-from tasks.executor import ClusterExecutor
-from tasks.settings import Settings
+from taskstack import names
+from taskstack.client.executor import ClusterExecutor
+from taskstack.settings import Settings
 
 BACKEND_NAME = "taskstack"
 
@@ -32,7 +32,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
     def __init__(
         self,
         settings: Settings | None = None,
-        queue: str = constants.CPU_QUEUE,
+        queue: str = names.CPU_QUEUE,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -80,5 +80,5 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
 
 
 def register() -> None:
-    """Make ``backend="taskstack"`` available to joblib (done on ``import tasks``)."""
+    """Make ``backend="taskstack"`` available to joblib (done on ``import taskstack``)."""
     register_parallel_backend(BACKEND_NAME, ClusterBackend)

@@ -1,0 +1,41 @@
+"""taskstack: Celery workers, a Redis broker and Flower, driven from Python.
+
+Swap ``ProcessPoolExecutor`` for :class:`ClusterExecutor`, ``multiprocessing.Pool``
+for :class:`Pool`, or joblib's ``n_jobs`` backend for ``"taskstack"``, and the same
+code runs on the cluster.
+"""
+
+from taskstack.app import create_app
+from taskstack.client.batching import BatchSizer
+from taskstack.client.executor import ClusterExecutor
+from taskstack.client.futures import ClusterFuture
+from taskstack.client.joblib_backend import BACKEND_NAME as JOBLIB_BACKEND
+from taskstack.client.joblib_backend import ClusterBackend, register
+from taskstack.client.pool import AsyncResult, Pool
+from taskstack.errors import (
+    PayloadTooLarge,
+    RemoteTraceback,
+    SettingsError,
+    SignatureError,
+)
+from taskstack.settings import Settings
+from taskstack.signing import Signer
+
+register()
+
+__all__ = [
+    "JOBLIB_BACKEND",
+    "AsyncResult",
+    "BatchSizer",
+    "ClusterBackend",
+    "ClusterExecutor",
+    "ClusterFuture",
+    "PayloadTooLarge",
+    "Pool",
+    "RemoteTraceback",
+    "Settings",
+    "SettingsError",
+    "SignatureError",
+    "Signer",
+    "create_app",
+]

@@ -1,0 +1,92 @@
+"""How many worker processes serve each queue: the workers' beacon and the clients' reader.
+
+Each worker publishes ``<processes> <expires_at>`` under its node name in the
+hash ``taskstack:capacity:<queue>`` and refreshes it every
+:data:`REFRESH_SECONDS`; executor clients size their batches from the sum over
+the entries that have not expired, so a killed worker drops out by itself
+within :data:`TTL_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, ClassVar, Final
+
+import redis
+from celery import bootsteps
+
+from taskstack import names
+from taskstack.connections import shared
+
+logger = logging.getLogger(__name__)
+
+TTL_SECONDS: Final = 30.0
+"""An entry not refreshed for this long no longer counts."""
+REFRESH_SECONDS: Final = 10.0
+"""How often a worker refreshes its entry."""
+WITHDRAW_SECONDS: Final = 5.0
+"""A stopping worker waits this long at most to withdraw its entry (else it expires)."""
+READ_SECONDS: Final = 2.0
+"""How often a client re-reads the total while it is sending work."""
+
+
+class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker boot step publishing the worker's processes for each queue it consumes.
+
+    The beacon has its own thread: a Redis call that waits out a partition must
+    not stall the worker's event loop (and with it the pool's time limits).
+    """
+
+    requires: ClassVar = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        self.thread = threading.Thread(
+            target=self.run, args=(worker,), name="taskstack-capacity", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self, worker: Any) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=WITHDRAW_SECONDS)
+
+    terminate = stop
+
+    def run(self, worker: Any) -> None:
+        client = shared(worker.app.conf.broker_url)
+        queues = list(worker.app.amqp.queues.consume_from)
+        while True:
+            value = f"{worker.concurrency} {time.time() + TTL_SECONDS}"
+            try:
+                for queue in queues:
+                    client.hset(names.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)
+            except redis.RedisError as exc:  # the broker is away: consumers reconnect alone
+                logger.warning("capacity beacon: %s", exc)
+            if self.stopping.wait(REFRESH_SECONDS):
+                break
+        try:
+            for queue in queues:
+                client.hdel(names.CAPACITY_KEY_PREFIX + queue, worker.hostname)
+        except redis.RedisError:
+            logger.warning("could not withdraw capacity of %s", worker.hostname)
+
+
+def capacity(client: redis.Redis, queue: str) -> int:
+    """Processes of live workers consuming ``queue``, per their beacons."""
+    now = time.time()
+    total = 0
+    for raw in client.hgetall(names.CAPACITY_KEY_PREFIX + queue).values():
+        try:
+            processes, expires = raw.split()
+            if float(expires) > now:
+                total += int(processes)
+        except ValueError:
+            continue
+    return total

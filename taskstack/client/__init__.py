@@ -1,0 +1,1 @@
+"""The client side: the executor, the pool and the joblib backend over the cluster."""

@@ -1,0 +1,127 @@
+"""How many calls go into one message: guided self-scheduling with a cost floor.
+
+Each batch takes ``remaining / (2 * processes)`` of the calls not yet sent, so
+batches start large (little per-message overhead) and shrink towards the end
+(every process finishes at about the same time: no straggling batch). Once the
+cost per call has been measured on the workers, batches are never made so
+small that messaging would dominate, nor so long that progress stalls.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from taskstack import names
+from taskstack.client.futures import ClusterFuture
+from taskstack.client.results import MapJob
+
+
+@dataclass
+class BatchSizer:
+    min_seconds: float = 0.02
+    """A batch should run at least this long once the cost per call is known."""
+    max_seconds: float = 2.0
+    """...and at most this long, so results and progress keep flowing."""
+    smoothing: float = 0.3
+    """Weight of the newest measurement in the running cost estimate."""
+    _cost: dict[object, float] = field(default_factory=dict)
+
+    def size(self, remaining: int, processes: int, key: object = None) -> int:
+        """Calls to put in the next batch, out of ``remaining`` unsent ones."""
+        if remaining <= 0:
+            return 0
+        guided = math.ceil(remaining / (2 * max(1, processes)))
+        cost = self._cost.get(key)
+        if cost is not None:
+            per_second = 1.0 / max(cost, 1e-9)
+            floor = math.ceil(self.min_seconds * per_second)
+            ceiling = max(1, math.floor(self.max_seconds * per_second))
+            guided = min(max(guided, floor), ceiling)
+        return max(1, min(guided, remaining))
+
+    def observe(self, key: object, calls: int, seconds: float) -> None:
+        """Fold a batch's measured run time into the cost estimate for ``key``."""
+        if calls <= 0:
+            return
+        cost = seconds / calls
+        old = self._cost.get(key)
+        self._cost[key] = cost if old is None else old + self.smoothing * (cost - old)
+
+    def cost(self, key: object = None) -> float | None:
+        """Estimated seconds per call for ``key``, once measured."""
+        return self._cost.get(key)
+
+
+@dataclass(eq=False)
+class Submitted:
+    """One ``submit()``: its call and the future it settles."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] | None
+    future: ClusterFuture[Any]
+
+
+@dataclass(eq=False)
+class InFlight:
+    """A batch that was sent and has not settled: a chunk of a map, or submitted calls."""
+
+    id: str
+    size: int
+    key: object
+    job: MapJob | None = None
+    first: int = 0
+    calls: list[Submitted] = field(default_factory=list)
+
+
+def cost_key(fn: Callable[..., Any]) -> object:
+    try:
+        hash(fn)
+    except TypeError:
+        return id(fn)
+    return fn
+
+
+def carve(
+    pending: deque[Submitted | MapJob], sizer: BatchSizer, processes: int
+) -> tuple[InFlight, names.Batch] | None:
+    """Take the next batch off ``pending`` (the caller holds the lock that guards it)."""
+    head = pending[0]
+    batch_id = uuid.uuid4().hex
+    if isinstance(head, MapJob):
+        if head.cancelled:
+            pending.popleft()
+            return None
+        key = cost_key(head.fn)
+        size = head.chunksize or sizer.size(head.unsent, processes, key)
+        size = min(size, head.unsent)
+        first = head.sent
+        head.sent += size
+        if not head.unsent:
+            pending.popleft()
+        args = head.argtuples[first : first + size]
+        return (
+            InFlight(batch_id, size, key, job=head, first=first),
+            [(head.fn, a, None) for a in args],
+        )
+    key = cost_key(head.fn)
+    limit = sizer.size(len(pending), processes, key)
+    taken: list[Submitted] = []
+    while pending and len(taken) < limit and isinstance(pending[0], Submitted):
+        call = pending.popleft()
+        assert isinstance(call, Submitted)
+        if call.future.cancelled():
+            continue
+        call.future._batch = batch_id
+        taken.append(call)
+    if not taken:
+        return None
+    return (
+        InFlight(batch_id, len(taken), key, calls=taken),
+        [(c.fn, c.args, c.kwargs) for c in taken],
+    )

@@ -1,0 +1,65 @@
+"""Futures the cluster settles, and the exceptions a whole batch can fail with."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Generic, TypeVar
+
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+
+from taskstack.errors import SignatureError, with_remote_traceback
+
+R = TypeVar("R")
+
+
+class ClusterFuture(Future[R], Generic[R]):
+    """A :class:`concurrent.futures.Future` whose ``cancel()`` also revokes sent work."""
+
+    _on_cancel: Callable[[ClusterFuture[Any]], None] | None = None
+    _batch: str | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        # Waiters (wait, as_completed) learn of a cancellation only through this call.
+        self.set_running_or_notify_cancel()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+        return True
+
+
+def mark_running(future: Future[Any]) -> None:
+    if not (future.running() or future.done()):
+        with contextlib.suppress(RuntimeError):  # cancelled meanwhile
+            future.set_running_or_notify_cancel()
+
+
+def settle(future: Future[Any], ok: bool, value: Any) -> None:
+    """Set an outcome ``(ok, value)`` on ``future``, unless it was cancelled meanwhile."""
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            exc, tb = value
+            future.set_exception(with_remote_traceback(exc, tb) if tb else exc)
+    except InvalidStateError:
+        pass
+
+
+def batch_failure(notice: dict[str, str]) -> BaseException:
+    """The exception for a batch the workers refused or lost, from their plain-text notice."""
+    kind, error = notice.get("type", ""), notice.get("error", "")
+    if kind == "SignatureError":
+        return SignatureError(f"the workers refused the batch: {error}")
+    if kind == "WorkerLostError":
+        lost: BaseException = WorkerLostError(
+            f"the worker process running this batch died each time it ran it ({error}); "
+            "it was given up after Celery's retries"
+        )
+        return lost
+    if kind == "TimeLimitExceeded":
+        late: BaseException = TimeLimitExceeded(f"the batch ran past TASK_TIME_LIMIT ({error})")
+        return late
+    return RuntimeError(f"the workers could not run the batch: {kind}: {error}")

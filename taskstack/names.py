@@ -1,0 +1,100 @@
+"""Every name that crosses the wire: queues, node names, task names, Redis keys,
+app settings and the executor's reply protocol.
+
+Workers, clients, Flower, the YAML files and the tests all follow this module,
+so renaming one here renames it everywhere at once.
+
+The executor's request is a Celery task message (JSON) whose ``payload`` is a
+signed pickle of a :data:`Batch`. Replies go straight to the client's own Redis
+list, one ``RPUSH`` each, and start with a one-byte kind:
+
+- :data:`STARTED` + batch id: the batch started running (futures become *running*);
+- :data:`DONE` + batch id + signed pickle of ``(outcomes, seconds)``: the batch ran;
+- :data:`FAILED` + JSON ``{"id", "type", "error"}``: the batch was refused before
+  anything of it was unpickled (bad signature, malformed message), or it failed
+  as a whole (its process died every time it ran, it hit the hard time limit);
+  plain text only, never a pickle;
+- :data:`QUIT`: the client's own wake-up call at shutdown.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+# -- queues and nodes ------------------------------------------------------------
+
+CPU_QUEUE: Final = "cpu"
+"""Queue consumed by the prefork worker: CPU-bound work, one process per core."""
+
+IO_QUEUE: Final = "io"
+"""Queue consumed by the threads worker: I/O-bound work, many threads per process."""
+
+QUEUES: Final = (CPU_QUEUE, IO_QUEUE)
+
+POOL_FOR_QUEUE: Final = {CPU_QUEUE: "prefork", IO_QUEUE: "threads"}
+"""The Celery pool each queue's worker runs, as ProcessPool vs ThreadPool locally."""
+
+
+def node_name(queue: str, hostname: str) -> str:
+    """A worker's Celery node name: ``<queue>@<hostname>``, distinct per replica."""
+    return f"{queue}@{hostname}"
+
+
+# -- task names --------------------------------------------------------------------
+
+TASK_PREFIX: Final = "taskstack."
+"""The stack's own task names start with this, so they never clash with a team's."""
+
+COUNT_PRIMES: Final = TASK_PREFIX + "count_primes"
+MONTE_CARLO_PI: Final = TASK_PREFIX + "monte_carlo_pi"
+MANDELBROT_TILE: Final = TASK_PREFIX + "mandelbrot_tile"
+MATMUL_TRACE: Final = TASK_PREFIX + "matmul_trace"
+FETCH_URL: Final = TASK_PREFIX + "fetch_url"
+WAIT: Final = TASK_PREFIX + "wait"
+WHOAMI: Final = TASK_PREFIX + "whoami"
+SPIN: Final = TASK_PREFIX + "spin"
+NOOP: Final = TASK_PREFIX + "noop"
+COUNT_PRIMES_ON: Final = TASK_PREFIX + "count_primes_on"
+RUN_BATCH: Final = TASK_PREFIX + "run_batch"
+"""The executor's task: runs a signed batch of calls and replies with their outcomes."""
+
+IO_TASKS: Final = (FETCH_URL, WAIT)
+"""Tasks routed to the ``io`` queue; every other task goes to ``cpu``."""
+
+RUNNER_MODULE: Final = "taskstack.worker.runner"
+"""Where the batch task lives; workers import it, clients never need to."""
+
+# -- Redis keys ------------------------------------------------------------------------
+
+KEY_PREFIX: Final = "taskstack:"
+"""Every Redis key the stack itself creates starts with this (Celery's own keys aside)."""
+
+REPLY_KEY_PREFIX: Final = KEY_PREFIX + "reply:"
+"""``<prefix><client id>``: list where workers push an executor client's batch outcomes."""
+
+CAPACITY_KEY_PREFIX: Final = KEY_PREFIX + "capacity:"
+"""``<prefix><queue>``: hash of node -> "processes expires_at", kept fresh by each worker."""
+
+# -- app.conf keys that are not Celery's -------------------------------------------------
+
+SECRET_SETTING: Final = "taskstack_secret"
+"""The signing secret (Celery masks keys naming SECRET when a worker's config is inspected)."""
+
+MAX_PAYLOAD_SETTING: Final = "taskstack_max_payload_bytes"
+
+# -- the executor's reply protocol ---------------------------------------------------------
+
+Call = tuple[Any, tuple[Any, ...], dict[str, Any] | None]
+"""``(function, args, kwargs)``; ``kwargs`` is ``None`` when there are none."""
+
+Batch = list[Call]
+
+Outcome = tuple[bool, Any]
+"""``(True, value)`` or ``(False, (exception, remote traceback text))``."""
+
+STARTED: Final = b"S"
+DONE: Final = b"D"
+FAILED: Final = b"F"
+QUIT: Final = b"Q"
+ID_SIZE: Final = 32
+"""Batch ids are ``uuid4().hex``: fixed width, so replies need no delimiter."""

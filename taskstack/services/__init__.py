@@ -1,0 +1,1 @@
+"""Service entrypoints: Flower (``taskstack-flower``) and the local stack (``taskstack-local``)."""

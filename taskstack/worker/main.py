@@ -1,0 +1,85 @@
+"""Worker entrypoint: ``taskstack-worker cpu`` or ``taskstack-worker io``.
+
+Picks the pool for the queue (prefork for ``cpu``, threads for ``io``), sizes
+it, names the node ``<queue>@<hostname>`` so every replica is distinct, and
+runs Celery's worker in this process so that signals reach it directly.
+``taskstack-worker cpu --ping`` is the container healthcheck: it exits 0 when
+this host's worker answers a ping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from taskstack import names, worker
+from taskstack.app import create_app
+from taskstack.errors import SettingsError
+from taskstack.settings import Settings
+from taskstack.worker import shutdown
+from taskstack.worker.cpus import available_cpus
+from taskstack.worker.malformed import tolerate_malformed_messages
+
+PING_TIMEOUT_SECONDS = 5.0
+
+
+def worker_argv(queue: str, settings: Settings, hostname: str = "%h") -> list[str]:
+    """Celery ``worker`` arguments for a worker consuming ``queue``."""
+    pool = names.POOL_FOR_QUEUE[queue]
+    if queue == names.CPU_QUEUE:
+        concurrency = settings.cpu_concurrency or available_cpus()
+    else:
+        concurrency = settings.io_concurrency
+    return [
+        "worker",
+        f"--queues={queue}",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        f"--hostname={names.node_name(queue, hostname)}",
+    ]
+
+
+def ping(queue: str, hostname: str, settings: Settings) -> bool:
+    """Whether the worker ``<queue>@<hostname>`` answers a broadcast ping."""
+    app = create_app(settings)
+    try:
+        node = names.node_name(queue, hostname)
+        return bool(app.control.ping(destination=[node], timeout=PING_TIMEOUT_SECONDS))
+    finally:
+        app.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="taskstack-worker", description=__doc__)
+    parser.add_argument("queue", choices=names.QUEUES)
+    parser.add_argument("--hostname", default="%h", help="node name after '<queue>@'")
+    parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument(
+        "--ping", action="store_true", help="exit 0 if this host's worker answers, else 1"
+    )
+    args, extra = parser.parse_known_args(argv)
+    try:
+        settings = Settings.from_env()
+        settings.check_exposure()
+    except SettingsError as exc:
+        sys.exit(f"taskstack-worker: {exc}")
+    if args.ping:
+        hostname = socket.gethostname() if args.hostname == "%h" else args.hostname
+        sys.exit(0 if ping(args.queue, hostname, settings) else 1)
+    if not shutdown.sigterm_is_cold():
+        # Celery reads the remap when it is imported: start afresh (same PID).
+        argv = [sys.executable, "-m", "taskstack.worker.main", *sys.argv[1:]]
+        os.execve(sys.executable, argv, shutdown.cold_sigterm_environ())
+    tolerate_malformed_messages()
+    app = create_app(settings)
+    worker.install(app)
+    app.worker_main(
+        [*worker_argv(args.queue, settings, args.hostname), f"--loglevel={args.loglevel}", *extra]
+    )
+
+
+if __name__ == "__main__":
+    main()
