@@ -14,9 +14,12 @@ from taskstack.client.joblib_backend import ClusterBackend, register
 from taskstack.client.pool import AsyncResult, Pool
 from taskstack.errors import (
     PayloadTooLarge,
+    RemoteError,
     RemoteTraceback,
     SettingsError,
     SignatureError,
+    Terminated,
+    VersionMismatch,
 )
 from taskstack.settings import Settings
 from taskstack.signing import Signer
@@ -32,10 +35,13 @@ __all__ = [
     "ClusterFuture",
     "PayloadTooLarge",
     "Pool",
+    "RemoteError",
     "RemoteTraceback",
     "Settings",
     "SettingsError",
     "SignatureError",
     "Signer",
+    "Terminated",
+    "VersionMismatch",
     "create_app",
 ]

@@ -1,19 +1,23 @@
 """How many worker processes serve each queue: the workers' beacon and the clients' reader.
 
-Each worker publishes ``<processes> <expires_at>`` under its node name in the
-hash ``taskstack:capacity:<queue>`` and refreshes it every
+Each worker publishes ``<processes> <expires_at> <python> <cloudpickle>`` under
+its node name in the hash ``taskstack:capacity:<queue>`` and refreshes it every
 :data:`REFRESH_SECONDS`; executor clients size their batches from the sum over
 the entries that have not expired, so a killed worker drops out by itself
-within :data:`TTL_SECONDS`.
+within :data:`TTL_SECONDS`. The versions let a client refuse to send code by
+value to workers whose Python could not load it.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
+import cloudpickle
 import redis
 from celery import bootsteps
 
@@ -63,7 +67,7 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
         client = shared(worker.app.conf.broker_url)
         queues = list(worker.app.amqp.queues.consume_from)
         while True:
-            value = f"{worker.concurrency} {time.time() + TTL_SECONDS}"
+            value = f"{worker.concurrency} {time.time() + TTL_SECONDS} {VERSIONS}"
             try:
                 for queue in queues:
                     client.hset(names.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)
@@ -78,15 +82,35 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.warning("could not withdraw capacity of %s", worker.hostname)
 
 
-def capacity(client: redis.Redis, queue: str) -> int:
-    """Processes of live workers consuming ``queue``, per their beacons."""
+def python_version() -> str:
+    """``major.minor``: code pickled by value loads only where this matches."""
+    return ".".join(platform.python_version_tuple()[:2])
+
+
+VERSIONS: Final = f"{python_version()} {cloudpickle.__version__}"
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the live workers of a queue offer."""
+
+    processes: int = 0
+    pythons: frozenset[str] = field(default_factory=frozenset)
+    """The Python versions (``3.12``) the workers run; empty if none announced one."""
+
+
+def capacity(client: redis.Redis, queue: str) -> Capacity:
+    """Processes and Python versions of live workers consuming ``queue``, per their beacons."""
     now = time.time()
     total = 0
+    pythons: set[str] = set()
     for raw in client.hgetall(names.CAPACITY_KEY_PREFIX + queue).values():
         try:
-            processes, expires = raw.split()
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            processes, expires, *versions = text.split()
             if float(expires) > now:
                 total += int(processes)
+                pythons.update(versions[:1])
         except ValueError:
             continue
-    return total
+    return Capacity(total, frozenset(pythons))

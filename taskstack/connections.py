@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from typing import Final
+from urllib.parse import urlsplit
 
 import redis
 
@@ -35,3 +36,12 @@ def shared(url: str) -> redis.Redis:
     if key not in _clients:
         _clients[key] = connect(url)
     return _clients[key]
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()

@@ -15,6 +15,44 @@ class PayloadTooLarge(ValueError):
     """A batch is larger than ``MAX_PAYLOAD_BYTES``."""
 
 
+class Terminated(RuntimeError):
+    """The executor or pool was terminated before this call finished."""
+
+
+class VersionMismatch(RuntimeError):
+    """Code pickled by value was about to go to workers running another Python version."""
+
+
+def raise_error(error: BaseException) -> None:
+    """Stands in for a call that could not be sent: the worker raises its error."""
+    raise error
+
+
+class RemoteError(Exception):
+    """An exception raised on a worker that could not travel back as itself.
+
+    ``type_name`` names the original class; the message says why it could not
+    be rebuilt, and ``__cause__`` carries the remote traceback as usual.
+    """
+
+    def __init__(self, message: str, type_name: str = "") -> None:
+        # Both arguments are kept in ``args``, so that this one always unpickles.
+        super().__init__(message, type_name)
+        self.type_name = type_name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @classmethod
+    def describe(cls, exc: BaseException, reason: str) -> RemoteError:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        try:
+            text = str(exc)
+        except Exception:
+            text = "<unprintable>"
+        return cls(f"{name}: {text} (raised on a worker; {reason})", name)
+
+
 class RemoteTraceback(Exception):
     """Attached as ``__cause__`` of an exception raised on a worker: the remote traceback."""
 

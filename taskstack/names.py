@@ -5,7 +5,8 @@ Workers, clients, Flower, the YAML files and the tests all follow this module,
 so renaming one here renames it everywhere at once.
 
 The executor's request is a Celery task message (JSON) whose ``payload`` is a
-signed pickle of a :data:`Batch`. Replies go straight to the client's own Redis
+signed pickle of a :data:`Request`, and whose ``stop_keys`` name the keys that
+tell a running batch its client stopped it (see :mod:`taskstack.claims`). Replies go straight to the client's own Redis
 list, one ``RPUSH`` each, and start with a one-byte kind:
 
 - :data:`STARTED` + batch id: the batch started running (futures become *running*);
@@ -73,7 +74,16 @@ REPLY_KEY_PREFIX: Final = KEY_PREFIX + "reply:"
 """``<prefix><client id>``: list where workers push an executor client's batch outcomes."""
 
 CAPACITY_KEY_PREFIX: Final = KEY_PREFIX + "capacity:"
-"""``<prefix><queue>``: hash of node -> "processes expires_at", kept fresh by each worker."""
+"""``<prefix><queue>``: hash of node -> "processes expires_at python cloudpickle", kept
+fresh by each worker."""
+
+CLAIM_KEY_PREFIX: Final = KEY_PREFIX + "claim:"
+"""``<prefix><batch id>``: hash of ``started`` (a worker took the batch), ``all`` or
+``c<index>`` (the client cancelled the batch or one call before it started)."""
+
+STOP_KEY_PREFIX: Final = KEY_PREFIX + "stop:"
+"""``<prefix><client or map id>``: exists once a client stopped a map or terminated;
+running batches that name it stop between calls."""
 
 # -- app.conf keys that are not Celery's -------------------------------------------------
 
@@ -89,8 +99,17 @@ Call = tuple[Any, tuple[Any, ...], dict[str, Any] | None]
 
 Batch = list[Call]
 
+Setup = tuple[str, Any, tuple[Any, ...]] | None
+"""``(token, initializer, initargs)``: run once per worker process and token, first."""
+
+Request = tuple[Batch, Setup]
+"""What a batch's signed payload unpickles to."""
+
 Outcome = tuple[bool, Any]
 """``(True, value)`` or ``(False, (exception, remote traceback text))``."""
+
+SKIPPED_CALL: Final = "cancelled before it started"
+"""The outcome text of a call the worker skipped because its client cancelled it."""
 
 STARTED: Final = b"S"
 DONE: Final = b"D"

@@ -56,6 +56,8 @@ class Settings:
     """A prefork child is replaced once its resident memory exceeds this many KiB."""
     max_payload_bytes: int = 16 * 1024 * 1024
     """Largest signed batch (functions, arguments) a client sends or a worker accepts."""
+    redis_retry_seconds: float = 30.0
+    """How long a client retries a Redis that went away before its calls fail."""
     secret: str = DEFAULT_SECRET
     """Shared secret that signs every pickled payload (HMAC-SHA256)."""
     flower_user: str = "admin"
@@ -84,6 +86,7 @@ class Settings:
         _positive("WORKER_MAX_TASKS_PER_CHILD", self.max_tasks_per_child)
         _positive("WORKER_MAX_MEMORY_PER_CHILD", self.max_memory_per_child)
         _positive("MAX_PAYLOAD_BYTES", self.max_payload_bytes)
+        _positive("REDIS_RETRY_SECONDS", self.redis_retry_seconds)
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -242,6 +245,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", int),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", int),
     "max_payload_bytes": ("MAX_PAYLOAD_BYTES", int),
+    "redis_retry_seconds": ("REDIS_RETRY_SECONDS", float),
     "secret": ("TASKSTACK_SECRET", str),
     "flower_user": ("FLOWER_USER", str),
     "flower_password": ("FLOWER_PASSWORD", str),

@@ -90,38 +90,38 @@ def cost_key(fn: Callable[..., Any]) -> object:
 def carve(
     pending: deque[Submitted | MapJob], sizer: BatchSizer, processes: int
 ) -> tuple[InFlight, names.Batch] | None:
-    """Take the next batch off ``pending`` (the caller holds the lock that guards it)."""
+    """Take the next batch off ``pending`` (the caller holds the lock that guards it).
+
+    ``None`` when the head of the queue held nothing to send (cancelled work).
+    """
     head = pending[0]
     batch_id = uuid.uuid4().hex
     if isinstance(head, MapJob):
-        if head.cancelled:
-            pending.popleft()
-            return None
         key = cost_key(head.fn)
         size = head.chunksize or sizer.size(head.unsent, processes, key)
-        size = min(size, head.unsent)
         first = head.sent
-        head.sent += size
-        if not head.unsent:
+        args = [] if head.cancelled else head.take(size)
+        if head.cancelled or (head.input_done and not head.ahead):
             pending.popleft()
-        args = head.argtuples[first : first + size]
+        if not args:
+            return None
         return (
-            InFlight(batch_id, size, key, job=head, first=first),
+            InFlight(batch_id, len(args), key, job=head, first=first),
             [(head.fn, a, None) for a in args],
         )
     key = cost_key(head.fn)
     limit = sizer.size(len(pending), processes, key)
     taken: list[Submitted] = []
+    batch = InFlight(batch_id, 0, key, calls=taken)
     while pending and len(taken) < limit and isinstance(pending[0], Submitted):
         call = pending.popleft()
         assert isinstance(call, Submitted)
         if call.future.cancelled():
             continue
-        call.future._batch = batch_id
+        call.future._batch = batch
+        call.future._index = len(taken)
         taken.append(call)
     if not taken:
         return None
-    return (
-        InFlight(batch_id, len(taken), key, calls=taken),
-        [(c.fn, c.args, c.kwargs) for c in taken],
-    )
+    batch.size = len(taken)
+    return batch, [(c.fn, c.args, c.kwargs) for c in taken]

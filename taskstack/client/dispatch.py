@@ -5,16 +5,22 @@ publishes them as Celery tasks; the *receiver* blocks on the client's reply
 list (``BLPOP``, no polling) and settles futures as outcomes arrive. At most
 two batches per worker process are out at a time (one running, one queued
 behind it), so batch sizes keep adapting to the measured cost per call.
+
+Nothing waits forever: a broker that stays away longer than
+``REDIS_RETRY_SECONDS`` fails every unsettled future with ``ConnectionError``;
+cancelled and stopped work is dropped at once; work submitted before the
+interpreter exits is run (or, on Ctrl-C, reported) before it exits.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import atexit
+import contextlib
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,12 +28,14 @@ from typing import Any, TypeVar
 import redis
 from celery import Celery
 
-from taskstack import capacity, names
-from taskstack.client.batching import BatchSizer, InFlight, Submitted, carve
-from taskstack.client.futures import ClusterFuture, batch_failure, mark_running, settle
+from taskstack import capacity, claims, names
+from taskstack.client.batching import BatchSizer, InFlight, Submitted
+from taskstack.client.futures import ClusterFuture, cancel_now, fail
+from taskstack.client.receiving import Receiver
 from taskstack.client.results import MapJob
-from taskstack.connections import connect
-from taskstack.errors import PayloadTooLarge, SignatureError
+from taskstack.client.sending import Sender
+from taskstack.connections import connect, masked
+from taskstack.errors import Terminated
 from taskstack.signing import Signer
 
 logger = logging.getLogger(__name__)
@@ -43,31 +51,44 @@ class Dispatcher:
         app: Celery,
         secret: str,
         queue_name: str,
+        *,
         sizer: BatchSizer | None = None,
         max_payload_bytes: int = 16 * 1024 * 1024,
+        retry_seconds: float = 30.0,
+        max_workers: int | None = None,
+        setup: names.Setup = None,
     ) -> None:
         self.app = app
         self.queue = queue_name
         self.signer = Signer(secret)
         self.max_payload_bytes = max_payload_bytes
+        self.retry_seconds = retry_seconds
+        self.max_workers = max_workers
+        self.setup = setup
         self.sizer = sizer or BatchSizer()
+        self.id = uuid.uuid4().hex
+        self.reply_key = names.REPLY_KEY_PREFIX + self.id
+        self.url = masked(app.conf.broker_url)
         self.redis = connect(app.conf.broker_url)
-        self.reply_key = names.REPLY_KEY_PREFIX + uuid.uuid4().hex
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            self.redis.close()
+            raise ConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
         self._cv = threading.Condition()
         self._pending: deque[Submitted | MapJob] = deque()
         self._inflight: dict[str, InFlight] = {}
         self._stopping = False
-        self._processes = 1
-        self._processes_checked = -capacity.READ_SECONDS
-        self._sender = threading.Thread(
-            target=self._send_loop, name="taskstack-sender", daemon=True
-        )
-        self._receiver = threading.Thread(
-            target=self._receive_loop, name="taskstack-receiver", daemon=True
-        )
+        self._closed = threading.Event()
+        self._closing = threading.Lock()
+        self._capacity = capacity.Capacity(1)
+        self._capacity_read = -capacity.READ_SECONDS
         self._refresh_capacity()
-        self._sender.start()
+        self._receiver = Receiver(self)
+        self._sender = Sender(self)
         self._receiver.start()
+        self._sender.start()
+        _live.add(self)
 
     # -- intake ---------------------------------------------------------------
 
@@ -75,15 +96,12 @@ class Dispatcher:
         self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> ClusterFuture[R]:
         future: ClusterFuture[R] = ClusterFuture()
-        future._on_cancel = self._cancelled
+        future._on_cancel = self._cancel_call
         self._enqueue(Submitted(fn, args, kwargs or None, future))
         return future
 
-    def map(
-        self, fn: Callable[..., Any], argtuples: list[tuple[Any, ...]], chunksize: int | None
-    ) -> MapJob:
-        job = MapJob(fn, argtuples, chunksize)
-        if argtuples:
+    def map(self, job: MapJob) -> MapJob:
+        if job.total != 0:
             self._enqueue(job)
         return job
 
@@ -97,48 +115,98 @@ class Dispatcher:
 
     def _refresh_capacity(self) -> None:
         now = time.monotonic()
-        if now - self._processes_checked < capacity.READ_SECONDS:
+        if now - self._capacity_read < capacity.READ_SECONDS:
             return
-        self._processes_checked = now
+        self._capacity_read = now
         try:
-            self._processes = max(1, capacity.capacity(self.redis, self.queue))
+            self._capacity = capacity.capacity(self.redis, self.queue)
         except redis.RedisError as exc:
-            logger.warning("could not read worker capacity: %s", exc)
+            logger.warning("could not read worker capacity from %s: %s", self.url, exc)
 
     @property
     def processes(self) -> int:
-        return self._processes
+        """Worker processes this client may keep busy: the cluster's, or ``max_workers``."""
+        cluster = max(1, self._capacity.processes)
+        return cluster if self.max_workers is None else min(cluster, self.max_workers)
 
-    # -- cancellation and shutdown ---------------------------------------------
+    def _room(self) -> bool:
+        limit = 2 * max(1, self._capacity.processes)
+        if self.max_workers is not None:
+            limit = min(limit, self.max_workers)
+        return len(self._inflight) < limit
 
-    def _cancelled(self, future: ClusterFuture[Any]) -> None:
+    # -- cancellation ------------------------------------------------------------
+
+    def _cancel_call(self, future: ClusterFuture[Any]) -> bool:
         with self._cv:
-            batch = self._inflight.get(future._batch or "")
-            if batch is None or not all(call.future.cancelled() for call in batch.calls):
-                return
-        # Every call of a sent batch was cancelled: the workers drop it unrun.
-        self.app.control.revoke(batch.id)
+            batch: InFlight | None = future._batch
+            if batch is None or batch.id not in self._inflight:
+                return cancel_now(future)  # not sent (or settled): the sender skips it
+        if future.running() or future.done():
+            return future.cancelled()
+        try:  # sent: cancelled only if no worker has started its batch
+            won = claims.cancel(self.redis, batch.id, claims.call_field(future._index))
+        except redis.RedisError:
+            return False
+        if not (won and cancel_now(future)):
+            return future.cancelled()
+        with self._cv:
+            if all(call.future.cancelled() for call in batch.calls):
+                self._drop([batch])
+        return True
 
     def cancel_job(self, job: MapJob) -> None:
+        """Send no more of ``job``; batches not started are skipped, running ones stop."""
         with self._cv:
+            if job.cancelled:
+                return
             job.cancelled = True
-            self._cv.notify_all()
+            batches = [batch for batch in self._inflight.values() if batch.job is job]
+            self._drop(batches)
+        if batches:
+            self._stop_remote(job.id, batches)
 
     def cancel_pending(self) -> None:
+        """Cancel every call not started: those not sent, and sent ones no worker took yet."""
         with self._cv:
             pending = list(self._pending)
             self._pending.clear()
+            sent = [b for b in self._inflight.values() if b.calls]
             self._cv.notify_all()
         for work in pending:
             if isinstance(work, Submitted):
-                work.future.cancel()
+                cancel_now(work.future)
             else:
                 work.cancel()
+        for batch in sent:
+            try:
+                if not claims.cancel(self.redis, batch.id):
+                    continue
+            except redis.RedisError:
+                continue
+            for call in batch.calls:
+                cancel_now(call.future)
+            with self._cv:
+                self._drop([batch])
 
-    def drain(self) -> None:
-        """Block until nothing is pending or in flight."""
+    def _drop(self, batches: list[InFlight]) -> None:
+        """Forget batches whose outcomes no longer matter (called with the lock held)."""
+        for batch in batches:
+            self._inflight.pop(batch.id, None)
+        self._cv.notify_all()
+
+    def _stop_remote(self, owner: str, batches: list[InFlight]) -> None:
+        try:
+            claims.stop(self.redis, owner, [batch.id for batch in batches])
+        except redis.RedisError as exc:
+            logger.warning("could not stop %d batch(es) on the workers: %s", len(batches), exc)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is pending or in flight; False if ``timeout`` passed first."""
         with self._cv:
-            self._cv.wait_for(lambda: not self._pending and not self._inflight)
+            return self._cv.wait_for(lambda: not self._pending and not self._inflight, timeout)
 
     def stop(self, wait: bool) -> None:
         with self._cv:
@@ -147,150 +215,73 @@ class Dispatcher:
         if wait:
             self._drain_and_close()
         else:
-            threading.Thread(target=self._drain_and_close, daemon=True).start()
+            # A daemon: work it waits for is finished at exit by _finish_at_exit.
+            threading.Thread(
+                target=self._drain_and_close, name="taskstack-drain", daemon=True
+            ).start()
 
-    def abort(self) -> None:
-        """Stop now: cancel pending work, revoke what was sent, settle nothing more."""
+    def abort(self, reason: str) -> None:
+        """Stop now: cancel what has not started, stop what runs, fail what is left."""
         self.cancel_pending()
         with self._cv:
             self._stopping = True
             inflight = list(self._inflight.values())
-            self._inflight.clear()
-            self._cv.notify_all()
+            self._drop(inflight)
+        self._stop_remote(self.id, inflight)
+        error = Terminated(reason)
         for batch in inflight:
             for call in batch.calls:
-                call.future.cancel()
+                fail(call.future, error)
             if batch.job is not None:
-                batch.job.cancel()
-        if inflight:
-            self.app.control.revoke([batch.id for batch in inflight])
+                batch.job.fail(error)
         self._close()
+
+    def fail_all(self, error: BaseException) -> None:
+        """Settle every unsettled call with ``error`` (the broker stayed away too long)."""
+        with self._cv:
+            work = list(self._pending) + list(self._inflight.values())
+            self._pending.clear()
+            self._drop(list(self._inflight.values()))
+        for item in work:
+            if isinstance(item, Submitted):
+                fail(item.future, error)
+            elif isinstance(item, MapJob):
+                item.fail(error)
+            else:
+                for call in item.calls:
+                    fail(call.future, error)
+                if item.job is not None:
+                    item.job.fail(error)
 
     def _drain_and_close(self) -> None:
         self.drain()
         self._close()
 
     def _close(self) -> None:
-        self.redis.rpush(self.reply_key, names.QUIT)
-        self._receiver.join()
-        self._sender.join()
-        self.redis.delete(self.reply_key)
-        self.redis.close()
-
-    # -- sending -----------------------------------------------------------------
-
-    def _send_loop(self) -> None:
-        with self.app.producer_or_acquire() as producer:
-            while True:
-                with self._cv:
-                    self._cv.wait_for(
-                        lambda: (
-                            (self._stopping and not self._pending)
-                            or (self._pending and len(self._inflight) < 2 * self._processes)
-                        )
-                    )
-                    if not self._pending:
-                        return
-                    carved = carve(self._pending, self.sizer, self._processes)
-                    if carved is None:
-                        # Cancelled work left the queue: drain() may be waiting for that.
-                        self._cv.notify_all()
-                        continue
-                    batch, calls = carved
-                    self._inflight[batch.id] = batch
-                try:
-                    blob = self.signer.dumps(calls)
-                    if len(blob) > self.max_payload_bytes:
-                        raise PayloadTooLarge(
-                            f"a batch of {batch.size} call(s) pickles to {len(blob):,} bytes, over "
-                            f"MAX_PAYLOAD_BYTES={self.max_payload_bytes:,}: pass smaller "
-                            "arguments (e.g. a path or key instead of the data itself)"
-                        )
-                    payload = base64.b64encode(blob).decode()
-                    self.app.send_task(
-                        names.RUN_BATCH,
-                        kwargs={
-                            "payload": payload,
-                            "reply_to": self.reply_key,
-                            "notify_start": bool(batch.calls),
-                        },
-                        task_id=batch.id,
-                        queue=self.queue,
-                        producer=producer,
-                    )
-                except Exception as exc:  # unpicklable argument, broker down...
-                    self._settle_failure(batch, exc)
-
-    # -- receiving -------------------------------------------------------------------
-
-    def _receive_loop(self) -> None:
-        while True:
-            try:
-                # Blocks server-side; the 1 s bound keeps it below redis-py's socket timeout.
-                popped = self.redis.blpop([self.reply_key], timeout=1)
-            except redis.RedisError as exc:
-                logger.warning("reply list unreachable, retrying: %s", exc)
-                time.sleep(0.5)  # back off before reconnecting, not a wait for a result
-                continue
-            if popped is None:
-                continue
-            message: bytes = popped[1]  # type: ignore[assignment]  # no decode_responses
-            kind, body = message[:1], message[1:]
-            if kind == names.QUIT:
+        with self._closing:
+            if self._closed.is_set():
                 return
-            try:
-                self._handle(kind, body)
-            except Exception:
-                logger.exception("could not handle a reply")
-
-    def _handle(self, kind: bytes, body: bytes) -> None:
-        if kind == names.STARTED:
-            batch = self._inflight.get(body.decode())
-            for call in batch.calls if batch else ():
-                mark_running(call.future)
-        elif kind == names.FAILED:
-            notice = json.loads(body)
             with self._cv:
-                batch = self._inflight.get(notice["id"])
-            if batch is not None:
-                self._settle_failure(batch, batch_failure(notice))
-        elif kind == names.DONE:
-            batch_id = body[: names.ID_SIZE].decode()
-            with self._cv:
-                batch = self._inflight.get(batch_id)
-            if batch is None:
-                return  # a redelivered batch that already settled
-            try:
-                outcomes, seconds = self.signer.loads(body[names.ID_SIZE :])
-            except SignatureError as exc:
-                self._settle_failure(batch, exc)
-                return
-            self._settle(batch, outcomes, seconds)
+                self._stopping = True
+                self._cv.notify_all()
+            self._receiver.stop()
+            self._sender.thread.join()
+            with contextlib.suppress(redis.RedisError):  # else it expires by itself
+                self.redis.delete(self.reply_key)
+            self.redis.close()
+            self._closed.set()
+            _live.discard(self)
 
-    def _settle(self, batch: InFlight, outcomes: list[names.Outcome], seconds: float) -> None:
-        if len(outcomes) != batch.size:  # the batch failed as a whole (e.g. an import error)
-            ok, (exc, tb) = outcomes[0]
-            outcomes = [(False, (exc, tb))] * batch.size
-        else:
-            self.sizer.observe(batch.key, batch.size, seconds)
-        with self._cv:
-            if self._inflight.pop(batch.id, None) is None:
-                return
-            self._cv.notify_all()
-        if batch.job is not None:
-            batch.job.events.put((batch.first, outcomes))
-            return
-        for call, (ok, value) in zip(batch.calls, outcomes, strict=True):
-            settle(call.future, ok, value)
 
-    def _settle_failure(self, batch: InFlight, exc: BaseException) -> None:
-        outcome: names.Outcome = (False, (exc, ""))
-        with self._cv:
-            batch_known = self._inflight.pop(batch.id, None) is not None
-            self._cv.notify_all()
-        if not batch_known:
-            return
-        if batch.job is not None:
-            batch.job.events.put((batch.first, [outcome] * batch.size))
-        for call in batch.calls:
-            settle(call.future, False, (exc, ""))
+_live: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    """As the standard executors do, run work submitted before the interpreter exits."""
+    for dispatcher in list(_live):
+        try:
+            dispatcher.stop(wait=True)
+        except KeyboardInterrupt:
+            dispatcher.abort("interrupted at interpreter exit")
+            logger.warning("work submitted before exit was abandoned (Ctrl-C)")

@@ -15,23 +15,44 @@ R = TypeVar("R")
 
 
 class ClusterFuture(Future[R], Generic[R]):
-    """A :class:`concurrent.futures.Future` whose ``cancel()`` also revokes sent work."""
+    """A :class:`concurrent.futures.Future` whose ``cancel()`` reaches calls already sent.
 
-    _on_cancel: Callable[[ClusterFuture[Any]], None] | None = None
-    _batch: str | None = None
+    As with the standard library, ``cancel()`` returns True only for a call that
+    will never run: before it is sent, or once sent, if the cluster confirms
+    that no worker has started its batch (the worker then skips the call).
+    """
+
+    _on_cancel: Callable[[ClusterFuture[Any]], bool] | None = None
+    _batch: Any = None
+    _index: int = 0
 
     def cancel(self) -> bool:
-        if not super().cancel():
-            return False
-        # Waiters (wait, as_completed) learn of a cancellation only through this call.
-        self.set_running_or_notify_cancel()
         if self._on_cancel is not None:
-            self._on_cancel(self)
+            return self._on_cancel(self)
+        return cancel_now(self)
+
+
+def cancel_now(future: Future[Any]) -> bool:
+    """Cancel ``future`` if it is pending, and wake its waiters; whether it is cancelled."""
+    if future.cancelled():
         return True
+    if not Future.cancel(future):
+        return False
+    # Waiters (wait, as_completed) learn of a cancellation only through this call,
+    # which the first of several cancel() calls makes.
+    with contextlib.suppress(RuntimeError):
+        future.set_running_or_notify_cancel()
+    return True
+
+
+def fail(future: Future[Any], exc: BaseException) -> None:
+    """Settle ``future`` with ``exc`` unless it already settled."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(exc)
 
 
 def mark_running(future: Future[Any]) -> None:
-    if not (future.running() or future.done()):
+    if not (future.running() or future.done()):  # done() covers cancelled
         with contextlib.suppress(RuntimeError):  # cancelled meanwhile
             future.set_running_or_notify_cancel()
 

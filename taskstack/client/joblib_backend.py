@@ -3,7 +3,9 @@
 joblib keeps doing what it does with any backend (it groups calls into
 batches and tunes the batch size from measured durations); each of its
 batches becomes one :meth:`ClusterExecutor.submit`, and batches submitted in a
-burst share messages.
+burst share messages. A ``Parallel`` nested in a call that runs on the cluster
+runs sequentially there, as joblib's process backends do; an aborted
+``Parallel`` (an exception, Ctrl-C) stops its calls on the workers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from joblib import register_parallel_backend
-from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
 from taskstack import names
 from taskstack.client.executor import ClusterExecutor
@@ -42,7 +44,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
 
     def _get_executor(self) -> ClusterExecutor:
         if self._executor is None:
-            self._executor = ClusterExecutor(self._settings, queue=self._queue)
+            self._executor = ClusterExecutor(settings=self._settings, queue=self._queue)
         return self._executor
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
@@ -51,6 +53,10 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         if n_jobs is None or n_jobs < 0:
             return self._get_executor().processes
         return n_jobs
+
+    def get_nested_backend(self) -> tuple[Any, None]:
+        # The workers must not send work to their own queue and wait for it.
+        return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
 
     def configure(self, n_jobs: int = 1, parallel: Any = None, **kwargs: Any) -> int:
         self.parallel = parallel

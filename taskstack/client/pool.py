@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import multiprocessing
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
@@ -13,13 +14,19 @@ from celery import Celery
 
 from taskstack import names
 from taskstack.client.executor import ClusterExecutor
+from taskstack.client.results import MapJob, Results, map_job
 from taskstack.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
 
 class AsyncResult(Generic[R]):
-    """What ``apply_async`` and ``map_async`` return, as in :mod:`multiprocessing.pool`."""
+    """What ``apply_async`` and ``map_async`` return, as in :mod:`multiprocessing.pool`.
+
+    As there, the callback has run by the time :meth:`get` or :meth:`wait` returns.
+    """
 
     def __init__(
         self,
@@ -28,57 +35,100 @@ class AsyncResult(Generic[R]):
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> None:
         self._future = future
+        self._ready = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        future.add_done_callback(self._done)
 
-        def done(f: Future[R]) -> None:
-            exc = f.exception()
-            if exc is None and callback is not None:
-                callback(f.result())
-            elif exc is not None and error_callback is not None:
-                error_callback(exc)
-
-        if callback or error_callback:
-            future.add_done_callback(done)
+    def _done(self, future: Future[R]) -> None:
+        try:
+            if future.cancelled():
+                return
+            exc = future.exception()
+            if exc is None and self._callback is not None:
+                self._callback(future.result())
+            elif exc is not None and self._error_callback is not None:
+                self._error_callback(exc)
+        except Exception:
+            logger.exception("a Pool callback raised")
+        finally:
+            self._ready.set()
 
     def get(self, timeout: float | None = None) -> R:
         """The result; its exception if it failed; ``multiprocessing.TimeoutError`` if late."""
-        try:
-            return self._future.result(timeout)
-        except TimeoutError:
-            raise multiprocessing.TimeoutError from None
+        if not self._ready.wait(timeout):
+            raise multiprocessing.TimeoutError
+        return self._future.result()
 
     def wait(self, timeout: float | None = None) -> None:
-        with contextlib.suppress(TimeoutError):
-            self._future.exception(timeout)
+        self._ready.wait(timeout)
 
     def ready(self) -> bool:
-        return self._future.done()
+        return self._ready.is_set()
 
     def successful(self) -> bool:
         if not self.ready():
             raise ValueError(f"{self!r} not ready")
-        return self._future.exception() is None
+        return not self._future.cancelled() and self._future.exception() is None
+
+
+class IMapIterator(Results):
+    """What ``imap`` and ``imap_unordered`` return: ``next(timeout)`` as in multiprocessing.
+
+    An iterator dropped before its end sends no more of its input.
+    """
+
+    def __init__(self, job: MapJob, in_order: bool) -> None:
+        super().__init__(job, in_order)
+        weakref.finalize(self, _abandon, job)
+
+    def next(self, timeout: float | None = None) -> Any:
+        try:
+            return super().next(timeout)
+        except TimeoutError:
+            raise multiprocessing.TimeoutError from None
 
 
 class Pool:
     """A process pool whose processes are the cluster's workers.
 
-    ``processes`` is accepted for compatibility and ignored: the cluster's size
-    is what the workers provide. As with :class:`multiprocessing.pool.Pool`,
-    leaving the ``with`` block calls :meth:`terminate`; ``chunksize=None`` (the
-    default here) sizes chunks adaptively.
+    ``processes`` bounds how many calls of this pool run at once (default: every
+    worker process of the queue); ``initializer(*initargs)`` runs once in each
+    worker process before this pool's first call there; ``maxtasksperchild`` and
+    ``context`` are accepted and ignored (workers recycle their processes after
+    ``WORKER_MAX_TASKS_PER_CHILD`` tasks). ``imap``/``imap_unordered`` read their
+    input as it is sent, so an endless input streams. As with
+    :class:`multiprocessing.pool.Pool`, leaving the ``with`` block calls
+    :meth:`terminate`; ``chunksize=None`` (the default here) sizes chunks adaptively.
     """
 
     def __init__(
         self,
         processes: int | None = None,
-        settings: Settings | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: object = None,
         *,
+        settings: Settings | None = None,
         queue: str = names.CPU_QUEUE,
         app: Celery | None = None,
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
-        self._executor = ClusterExecutor(settings, queue=queue, app=app)
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        self._executor = ClusterExecutor(
+            processes,
+            initializer=initializer,
+            initargs=tuple(initargs),
+            settings=settings,
+            queue=queue,
+            app=app,
+        )
+        self._dispatcher = self._executor._dispatcher
         self._state = "RUN"
         self._outstanding: set[Future[Any]] = set()
         self._lock = threading.Lock()
@@ -107,15 +157,25 @@ class Pool:
 
     def imap(
         self, func: Callable[[Any], R], iterable: Iterable[Any], chunksize: int | None = None
-    ) -> Iterator[R]:
-        self._check_running()
-        return self._executor.map(func, iterable, chunksize=chunksize)
+    ) -> IMapIterator:
+        return self._imap(func, iterable, chunksize, in_order=True)
 
     def imap_unordered(
         self, func: Callable[[Any], R], iterable: Iterable[Any], chunksize: int | None = None
-    ) -> Iterator[R]:
+    ) -> IMapIterator:
+        return self._imap(func, iterable, chunksize, in_order=False)
+
+    def _imap(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        in_order: bool,
+    ) -> IMapIterator:
         self._check_running()
-        return self._executor.map_unordered(func, iterable, chunksize=chunksize)
+        _check_chunksize(chunksize)
+        job = self._dispatcher.map(map_job(func, (iterable,), chunksize, lazy=True))
+        return IMapIterator(job, in_order)
 
     # -- asynchronous ---------------------------------------------------------------
 
@@ -139,7 +199,7 @@ class Pool:
         callback: Callable[[list[R]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> AsyncResult[list[R]]:
-        return self._collect(self.imap(func, iterable, chunksize), callback, error_callback)
+        return self._map_async(func, (iterable,), chunksize, callback, error_callback)
 
     def starmap_async(
         self,
@@ -149,24 +209,28 @@ class Pool:
         callback: Callable[[list[R]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> AsyncResult[list[R]]:
-        self._check_running()
-        columns = list(zip(*iterable, strict=True)) if iterable else []
-        results = self._executor.map(func, *columns, chunksize=chunksize)
-        return self._collect(results, callback, error_callback)
+        columns = tuple(zip(*iterable, strict=True))
+        return self._map_async(func, columns, chunksize, callback, error_callback)
 
-    def _collect(
+    def _map_async(
         self,
-        results: Iterator[R],
-        callback: Callable[[list[R]], object] | None,
+        func: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        chunksize: int | None,
+        callback: Callable[[list[Any]], object] | None,
         error_callback: Callable[[BaseException], object] | None,
-    ) -> AsyncResult[list[R]]:
-        future: Future[list[R]] = Future()
+    ) -> AsyncResult[list[Any]]:
+        self._check_running()
+        _check_chunksize(chunksize)
+        job = self._dispatcher.map(map_job(func, iterables, chunksize, lazy=False))
+        future: Future[list[Any]] = Future()
         future.set_running_or_notify_cancel()
 
         def gather() -> None:
             try:
-                future.set_result(list(results))
+                future.set_result(list(Results(job, in_order=True)))
             except BaseException as exc:
+                self._dispatcher.cancel_job(job)
                 future.set_exception(exc)
 
         threading.Thread(target=gather, name="taskstack-map-async", daemon=True).start()
@@ -194,18 +258,20 @@ class Pool:
             self._state = "CLOSE"
 
     def terminate(self) -> None:
-        """Drop work not yet sent, and stop without waiting for the rest."""
+        """Stop now: calls not started are cancelled, running ones stop between calls,
+        and every unfinished result fails with :class:`~taskstack.errors.Terminated`."""
         self._state = "TERMINATE"
         self._executor.terminate()
 
     def join(self) -> None:
+        """Wait for the submitted work after :meth:`close`; return at once after :meth:`terminate`."""
         if self._state == "RUN":
             raise ValueError("Pool is still running")
-        with self._lock:
-            outstanding = list(self._outstanding)
-        for future in outstanding:
-            future.exception()  # waits; errors belong to their AsyncResult
         if self._state == "CLOSE":
+            with self._lock:
+                outstanding = list(self._outstanding)
+            for future in outstanding:
+                future.exception()  # waits; errors belong to their AsyncResult
             self._executor.shutdown(wait=True)
 
     def __enter__(self) -> Pool:
@@ -214,3 +280,12 @@ class Pool:
 
     def __exit__(self, *exc_info: object) -> None:
         self.terminate()
+
+
+def _abandon(job: MapJob) -> None:
+    job.cancelled = True  # the sender drops it; no lock or Redis call from a finalizer
+
+
+def _check_chunksize(chunksize: int | None) -> None:
+    if chunksize is not None and chunksize < 1:
+        raise ValueError(f"Chunksize must be 1+, not {chunksize}")

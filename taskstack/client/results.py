@@ -1,37 +1,82 @@
-"""A map over many argument tuples, and the streams of its results."""
+"""A map over many argument tuples, read lazily, and the streams of its results."""
 
 from __future__ import annotations
 
 import queue
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from taskstack import names
 from taskstack.errors import with_remote_traceback
 
-CANCELLED = -1
-"""Position of the event that tells a map's iterator its job was cancelled."""
+CANCELLED: Final = -1
+"""Event position: the map was cancelled; its iterator raises CancelledError."""
+END: Final = -2
+"""Event position: the input is exhausted, so ``total`` is known now."""
+BROKEN: Final = -3
+"""Event position: the map failed as a whole (its single outcome says why)."""
+
+Event = tuple[int, list[names.Outcome]]
 
 
 @dataclass(eq=False)
 class MapJob:
-    """``fn`` over many argument tuples; completed chunks arrive on ``events``."""
+    """``fn`` over argument tuples read from ``source`` as batches are sent.
+
+    Only the sender thread reads ``source`` (as ``multiprocessing.Pool.imap``'s
+    task handler does), never more than a batch or two ahead of what is sent,
+    so an endless input streams and consumed inputs are not kept alive.
+    """
 
     fn: Callable[..., Any]
-    argtuples: list[tuple[Any, ...]]
+    source: Iterator[tuple[Any, ...]]
+    total: int | None = None
+    """Number of items, once known (at once for a sized input, else at its end)."""
     chunksize: int | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
     sent: int = 0
     cancelled: bool = False
-    events: queue.SimpleQueue[tuple[int, list[names.Outcome]]] = field(
-        default_factory=queue.SimpleQueue
-    )
+    input_error: BaseException | None = None
+    """What the input iterator raised; the results iterator raises it after the items before it."""
+    ahead: deque[tuple[Any, ...]] = field(default_factory=deque)
+    events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
 
     @property
     def unsent(self) -> int:
-        return len(self.argtuples) - self.sent
+        """Items known to be left: all of them for a sized input, those read ahead otherwise."""
+        return self.total - self.sent if self.total is not None else len(self.ahead)
+
+    def read_ahead(self, wanted: int) -> None:
+        """Read input until ``wanted`` items wait to be sent, or the input ends."""
+        try:
+            while len(self.ahead) < wanted and not self.input_done:
+                item = next(self.source, None)
+                if item is None:
+                    self._end()
+                else:
+                    self.ahead.append(item)
+        except Exception as exc:
+            self.input_error = exc
+            self._end()
+
+    @property
+    def input_done(self) -> bool:
+        return self.total is not None and self.sent + len(self.ahead) >= self.total
+
+    def _end(self) -> None:
+        self.total = self.sent + len(self.ahead)
+        self.events.put((END, []))
+
+    def take(self, size: int) -> list[tuple[Any, ...]]:
+        """The next ``size`` items (fewer at the end of the input), as sent."""
+        taken = [self.ahead.popleft() for _ in range(min(size, len(self.ahead)))]
+        self.sent += len(taken)
+        return taken
 
     def cancel(self) -> None:
         """No more chunks are sent; whoever iterates the results gets CancelledError."""
@@ -39,41 +84,83 @@ class MapJob:
             self.cancelled = True
             self.events.put((CANCELLED, []))
 
-
-def ordered(
-    job: MapJob, deadline: float | None, on_chunk: Callable[[int], None] | None = None
-) -> Iterator[Any]:
-    """Yield ``job``'s results in input order; raise an item's exception when it is reached."""
-    buffered: dict[int, list[names.Outcome]] = {}
-    index = 0
-    total = len(job.argtuples)
-    while index < total:
-        while index not in buffered:
-            first, outcomes = _next_chunk(job, deadline)
-            buffered[first] = outcomes
-            if on_chunk:
-                on_chunk(len(outcomes))
-        outcomes = buffered.pop(index)
-        index += len(outcomes)
-        for ok, value in outcomes:
-            yield _unwrap(ok, value)
+    def fail(self, exc: BaseException) -> None:
+        """The map cannot go on (the broker is gone): its iterator raises ``exc``."""
+        self.cancelled = True
+        self.events.put((BROKEN, [(False, (exc, ""))]))
 
 
-def unordered(
-    job: MapJob, deadline: float | None, on_chunk: Callable[[int], None] | None = None
-) -> Iterator[Any]:
-    """Yield ``job``'s results as chunks complete."""
-    left = len(job.argtuples)
-    while left:
-        _, outcomes = _next_chunk(job, deadline)
-        left -= len(outcomes)
-        if on_chunk:
-            on_chunk(len(outcomes))
-        for ok, value in outcomes:
-            yield _unwrap(ok, value)
+def map_job(
+    fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], chunksize: int | None, lazy: bool
+) -> MapJob:
+    """A job over ``zip(*iterables)``: read now (as ``Executor.map`` does) or as sent."""
+    if lazy:
+        return MapJob(fn, zip(*iterables, strict=False), chunksize=chunksize)
+    items = list(zip(*iterables, strict=False))
+    return MapJob(fn, iter(items), total=len(items), chunksize=chunksize)
 
 
-def _next_chunk(job: MapJob, deadline: float | None) -> tuple[int, list[names.Outcome]]:
+class Results:
+    """A map's results, in input order or as chunks complete: ``next(timeout)`` and iteration.
+
+    A result is handed out once and forgotten; an item's exception is raised
+    when its turn comes, and the input iterator's own exception after the
+    items read before it (as ``multiprocessing.Pool.imap`` does).
+    """
+
+    def __init__(
+        self, job: MapJob, in_order: bool, on_chunk: Callable[[int], object] | None = None
+    ) -> None:
+        self.job = job
+        self.in_order = in_order
+        self.on_chunk = on_chunk
+        self._ready: deque[names.Outcome] = deque()
+        self._buffered: dict[int, list[names.Outcome]] = {}
+        self._position = 0
+        """Ordered: the next position to hand out. Unordered: outcomes received."""
+        self._finished = False
+
+    def __iter__(self) -> Results:
+        return self
+
+    def __next__(self) -> Any:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> Any:
+        """The next result; :class:`TimeoutError` if none arrives within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            self._fill(deadline)
+        ok, value = self._ready.popleft()
+        return _unwrap(ok, value)
+
+    def _fill(self, deadline: float | None) -> None:
+        job = self.job
+        if job.total is not None and self._position >= job.total:
+            error, job.input_error = job.input_error, None
+            if error is not None and not self._finished:
+                self._finished = True
+                raise error
+            self._finished = True
+            raise StopIteration
+        if self.in_order and self._position in self._buffered:
+            outcomes = self._buffered.pop(self._position)
+            self._position += len(outcomes)
+            self._ready.extend(outcomes)
+            return
+        first, outcomes = _next_chunk(job, deadline)
+        if first == END:
+            return
+        if self.on_chunk is not None:
+            self.on_chunk(len(outcomes))
+        if self.in_order:
+            self._buffered[first] = outcomes
+        else:
+            self._position += len(outcomes)
+            self._ready.extend(outcomes)
+
+
+def _next_chunk(job: MapJob, deadline: float | None) -> Event:
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         first, outcomes = job.events.get(timeout=timeout)
@@ -81,6 +168,8 @@ def _next_chunk(job: MapJob, deadline: float | None) -> tuple[int, list[names.Ou
         raise TimeoutError("results not ready within the timeout") from None
     if first == CANCELLED:
         raise CancelledError("the map was cancelled before all its results arrived")
+    if first == BROKEN:
+        _unwrap(*outcomes[0])
     return first, outcomes
 
 
@@ -89,7 +178,3 @@ def _unwrap(ok: bool, value: Any) -> Any:
         return value
     exc, tb = value
     raise with_remote_traceback(exc, tb) if tb else exc
-
-
-def argtuples(iterables: Iterable[Iterable[Any]]) -> list[tuple[Any, ...]]:
-    return list(zip(*iterables, strict=False))

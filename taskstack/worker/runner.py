@@ -18,13 +18,14 @@ from typing import Any
 
 import redis
 from celery import Task, shared_task
-from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.exceptions import Reject
 from celery.signals import task_failure
 
-from taskstack import names
+from taskstack import claims, names
 from taskstack.connections import shared
 from taskstack.errors import PayloadTooLarge, SignatureError
 from taskstack.signing import Signer
+from taskstack.worker.calls import initialize, pack_outcomes, run_calls
 
 logger = logging.getLogger(__name__)
 
@@ -32,46 +33,14 @@ REPLY_TTL_SECONDS = 24 * 3600
 """A reply list outlives any batch; a client that vanished leaves it to expire."""
 
 
-def run_calls(calls: names.Batch) -> list[names.Outcome]:
-    """Run each call, capturing its value or its exception with the traceback text."""
-    outcomes: list[names.Outcome] = []
-    for fn, args, kwargs in calls:
-        try:
-            value = fn(*args, **kwargs) if kwargs else fn(*args)
-        except (SoftTimeLimitExceeded, SystemExit, KeyboardInterrupt):
-            # The batch is out of time, or the worker is stopping this process (a
-            # cold shutdown raises SystemExit here): Celery requeues or records the
-            # batch as a whole; it is no outcome of the call.
-            raise
-        except BaseException as exc:
-            outcomes.append((False, (exc, "".join(traceback.format_exception(exc)))))
-        else:
-            outcomes.append((True, value))
-    return outcomes
-
-
-def pack_outcomes(signer: Signer, outcomes: list[names.Outcome], seconds: float) -> bytes:
-    """Sign the outcomes; a value or exception that cannot be pickled becomes an error."""
-    try:
-        return signer.dumps((outcomes, seconds))
-    except Exception:
-        safe = [_picklable(signer, outcome) for outcome in outcomes]
-        return signer.dumps((safe, seconds))
-
-
-def _picklable(signer: Signer, outcome: names.Outcome) -> names.Outcome:
-    try:
-        signer.dumps(outcome)
-    except Exception as exc:
-        ok, value = outcome
-        what = f"result of type {type(value).__name__}" if ok else f"exception {value[0]!r}"
-        error = TypeError(f"the {what} could not be pickled to send back: {exc}")
-        return False, (error, "".join(traceback.format_exception(error)))
-    return outcome
-
-
 @shared_task(name=names.RUN_BATCH, bind=True, ignore_result=True)
-def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = False) -> int:
+def run_batch(
+    self: Task,
+    payload: str,
+    reply_to: str,
+    notify_start: bool = False,
+    stop_keys: list[str] | None = None,
+) -> int:
     """Run one signed batch and reply to ``reply_to``; returns how many calls ran.
 
     A reply that cannot be delivered (Redis unreachable after the client's
@@ -79,13 +48,15 @@ def run_batch(self: Task, payload: str, reply_to: str, notify_start: bool = Fals
     task: the batch runs again, and its client is answered then.
     """
     try:
-        return _run_batch(self, payload, reply_to, notify_start)
+        return _run_batch(self, payload, reply_to, notify_start, stop_keys or [])
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         logger.warning("batch %s: no reply could be delivered (%s); requeued", self.request.id, exc)
         raise Reject(exc, requeue=True) from exc
 
 
-def _run_batch(task: Task, payload: str, reply_to: str, notify_start: bool) -> int:
+def _run_batch(
+    task: Task, payload: str, reply_to: str, notify_start: bool, stop_keys: list[str]
+) -> int:
     batch_id = task.request.id
     client = shared(task.app.conf.broker_url)
     try:
@@ -98,8 +69,11 @@ def _run_batch(task: Task, payload: str, reply_to: str, notify_start: bool) -> i
                 f"batch payload of about {len(payload) * 3 // 4:,} bytes exceeds "
                 f"MAX_PAYLOAD_BYTES={limit:,}"
             )
+        if not all(key.startswith(names.STOP_KEY_PREFIX) for key in stop_keys):
+            raise ValueError(f"stop_keys must be {names.STOP_KEY_PREFIX}* keys, got {stop_keys!r}")
         blob = base64.b64decode(payload, validate=True)
-        calls: names.Batch = signer.loads(blob)
+        request: names.Request = signer.loads(blob)
+        calls, setup = request
     except (SignatureError, ValueError, binascii.Error) as exc:
         _reply_failed(client, reply_to, batch_id, exc)
         raise
@@ -109,16 +83,26 @@ def _run_batch(task: Task, payload: str, reply_to: str, notify_start: bool) -> i
             "travels by reference when its module is importable on the client; install that "
             "module on the workers too, or call cloudpickle.register_pickle_by_value(module)"
         )
-        outcomes = [(False, (error, traceback.format_exc()))]
-        _reply(client, reply_to, names.DONE + batch_id.encode() + signer.dumps((outcomes, 0.0)))
+        unloadable = [(False, (error, traceback.format_exc()))]
+        _reply(client, reply_to, names.DONE + batch_id.encode() + signer.dumps((unloadable, 0.0)))
         raise error from exc
+    cancelled = claims.start(client, batch_id)
+    if claims.WHOLE_BATCH in cancelled:
+        logger.info("batch %s: cancelled by its client before it started; skipped", batch_id)
+        return 0
     if notify_start:  # marks the futures running; the outcomes matter, this does not
         try:
             _reply(client, reply_to, names.STARTED + batch_id.encode())
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.warning("batch %s: could not report its start (%s)", batch_id, exc)
+    skip = frozenset(i for i in range(len(calls)) if claims.call_field(i) in cancelled)
     started = time.perf_counter()
-    outcomes = run_calls(calls)
+    failed_setup = initialize(setup)
+    if failed_setup is not None:
+        trace = "".join(traceback.format_exception(failed_setup))
+        outcomes: list[names.Outcome] = [(False, (failed_setup, trace))] * len(calls)
+    else:
+        outcomes = run_calls(calls, skip, lambda: bool(stop_keys and client.exists(*stop_keys)))
     seconds = time.perf_counter() - started
     _reply(
         client, reply_to, names.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds)

@@ -1,0 +1,76 @@
+"""Who may still stop a sent batch: the claim a worker takes before it runs one.
+
+``concurrent.futures`` promises that ``cancel()`` returns True only for a call
+that will never run. Once a batch has been published, its client and the
+worker that picks it up race; Redis settles the race. Each batch has a hash
+(:data:`~taskstack.names.CLAIM_KEY_PREFIX`): the worker takes its ``started``
+field before it runs any call, and a client cancels the whole batch (``all``)
+or one call (``c<index>``) only while that field is absent, each side in one
+Lua script, so exactly one of them wins. A worker skips the calls a client
+cancelled in time, and skips a batch cancelled as a whole without running it.
+
+Running batches also watch *stop keys* (:data:`~taskstack.names.STOP_KEY_PREFIX`):
+a client that stops a map (Ctrl-C, a timeout, a closed iterator) or
+terminates sets one, and the batch returns after the call it is running.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import redis
+
+from taskstack import names
+
+TTL_SECONDS: Final = 24 * 3600
+"""Claims and stop keys outlive any batch, and expire with the reply lists."""
+
+WHOLE_BATCH: Final = "all"
+STARTED: Final = "started"
+
+_START = """
+if redis.call('hexists', KEYS[1], 'all') == 1 then return {'all'} end
+redis.call('hset', KEYS[1], 'started', '1')
+redis.call('expire', KEYS[1], ARGV[1])
+return redis.call('hkeys', KEYS[1])
+"""
+
+_CANCEL = """
+if redis.call('hexists', KEYS[1], 'started') == 1 then return 0 end
+redis.call('hset', KEYS[1], ARGV[2], '1')
+redis.call('expire', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def call_field(index: int) -> str:
+    return f"c{index}"
+
+
+def claim_key(batch_id: str) -> str:
+    return names.CLAIM_KEY_PREFIX + batch_id
+
+
+def stop_key(owner: str) -> str:
+    return names.STOP_KEY_PREFIX + owner
+
+
+def start(client: redis.Redis, batch_id: str) -> set[str]:
+    """Take the batch for running; the fields the client set first (``all``: skip it)."""
+    fields = client.eval(_START, 1, claim_key(batch_id), TTL_SECONDS)
+    return {f.decode() if isinstance(f, bytes) else str(f) for f in fields}
+
+
+def cancel(client: redis.Redis, batch_id: str, field: str = WHOLE_BATCH) -> bool:
+    """Cancel the batch or one call of it; False if a worker already started it."""
+    return bool(client.eval(_CANCEL, 1, claim_key(batch_id), TTL_SECONDS, field))
+
+
+def stop(client: redis.Redis, owner: str, batch_ids: list[str]) -> None:
+    """Stop ``owner``'s batches (a client's or a map's): those not started are skipped,
+    running ones return after their current call."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(stop_key(owner), b"1", ex=TTL_SECONDS)
+        for batch_id in batch_ids:
+            pipe.eval(_CANCEL, 1, claim_key(batch_id), TTL_SECONDS, WHOLE_BATCH)
+        pipe.execute()

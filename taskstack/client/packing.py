@@ -1,0 +1,78 @@
+"""Turning a batch into a signed payload: one call's pickling error stays its own.
+
+A call that cannot be pickled (a lock, an open file, a generator in its
+arguments) is replaced by a call that raises the pickling error on the worker,
+so that the error lands on that call's future or map position alone, and the
+rest of its batch runs. Code pickled by value (functions from ``__main__``,
+lambdas, closures) loads only on the Python minor version that pickled it:
+such a batch is refused before it is sent when the workers run another one.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+from typing import Final
+
+from taskstack import names
+from taskstack.errors import PayloadTooLarge, VersionMismatch, raise_error
+from taskstack.signing import Signer
+
+BY_VALUE_MARKERS: Final = (b"_make_function", b"_make_skeleton_class", b"_make_skeleton_enum")
+"""cloudpickle's reconstructors for functions and classes pickled by value: a payload
+names one of them exactly when it carries code (checked against the locked cloudpickle
+by tests/unit/test_packing.py)."""
+
+
+def pack(
+    signer: Signer,
+    calls: names.Batch,
+    setup: names.Setup,
+    *,
+    max_bytes: int,
+    local_python: str,
+    worker_pythons: Iterable[str] = (),
+) -> bytes:
+    """The signed payload for ``calls``; raises what makes the whole batch unsendable."""
+    try:
+        blob = signer.dumps((calls, setup))
+    except Exception:
+        if setup is not None:
+            _check_picklable(signer, setup, "the initializer and its arguments")
+        blob = signer.dumps(([_isolated(signer, call) for call in calls], setup))
+    others = sorted(set(worker_pythons) - {local_python})
+    if others and any(marker in blob for marker in BY_VALUE_MARKERS):
+        raise VersionMismatch(
+            f"this batch carries code pickled by value (a function or class defined in "
+            f"__main__, a lambda or a closure), which loads only on the Python it was "
+            f"pickled on: this client runs Python {local_python}, workers run "
+            f"{', '.join(others)}. Run the client on Python {others[0]}, or put the code in "
+            "a module the workers can import (the tasks/ folder of the image)"
+        )
+    if len(blob) > max_bytes:
+        raise PayloadTooLarge(
+            f"a batch of {len(calls)} call(s) pickles to {len(blob):,} bytes, over "
+            f"MAX_PAYLOAD_BYTES={max_bytes:,}: pass smaller arguments (e.g. a path or key "
+            "instead of the data itself)"
+        )
+    return blob
+
+
+def _isolated(signer: Signer, call: names.Call) -> names.Call:
+    try:
+        signer.dumps(call)
+    except Exception as exc:
+        fn = getattr(call[0], "__qualname__", repr(call[0]))
+        error = pickle.PicklingError(
+            f"the call {fn}(...) could not be pickled to send it to the workers: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        return raise_error, (error,), None
+    return call
+
+
+def _check_picklable(signer: Signer, obj: object, what: str) -> None:
+    try:
+        signer.dumps(obj)
+    except Exception as exc:
+        raise pickle.PicklingError(f"{what} could not be pickled: {exc}") from exc

@@ -1,0 +1,151 @@
+"""The receiver thread: settles futures and map chunks from the client's reply list."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import redis
+
+from taskstack import names
+from taskstack.client.batching import InFlight
+from taskstack.client.futures import batch_failure, mark_running, settle
+from taskstack.errors import RemoteError, SignatureError
+
+if TYPE_CHECKING:
+    from taskstack.client.dispatch import Dispatcher
+
+logger = logging.getLogger(__name__)
+
+RETRY_BACKOFF_SECONDS = 0.5
+
+
+class Receiver:
+    """Blocks on the reply list (``BLPOP``, 1 s at a time) and settles what arrives.
+
+    It never dies of a reply: whatever a reply raises while it is decoded
+    (even ``SystemExit`` from an unpickled object) settles that reply's batch
+    with an error saying so. A broker that stays unreachable for the client's
+    retry time fails every unsettled call with ``ConnectionError``.
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.quit = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="taskstack-receiver", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.quit.set()
+        # Wakes the BLPOP at once; otherwise it returns within its 1 s anyway.
+        with contextlib.suppress(redis.RedisError):
+            self.dispatcher.redis.rpush(self.dispatcher.reply_key, names.QUIT)
+        self.thread.join()
+
+    def run(self) -> None:
+        d = self.dispatcher
+        failing_since: float | None = None
+        while not self.quit.is_set():
+            try:
+                # Blocks server-side; the 1 s bound keeps it below redis-py's socket timeout.
+                popped = d.redis.blpop([d.reply_key], timeout=1)
+            except redis.RedisError as exc:
+                failing_since = self._unreachable(exc, failing_since)
+                self.quit.wait(RETRY_BACKOFF_SECONDS)
+                continue
+            if failing_since is not None:
+                logger.warning("Redis at %s is back", d.url)
+                failing_since = None
+            if popped is None:
+                continue
+            message: bytes = popped[1]  # type: ignore[assignment]  # no decode_responses
+            kind, body = message[:1], message[1:]
+            if kind == names.QUIT:
+                continue
+            try:
+                self.handle(kind, body)
+            except BaseException:
+                logger.exception("could not handle a reply")
+
+    def _unreachable(self, exc: BaseException, since: float | None) -> float:
+        d = self.dispatcher
+        now = time.monotonic()
+        if since is None:
+            logger.warning(
+                "lost Redis at %s (%s); retrying for %.0f s", d.url, exc, d.retry_seconds
+            )
+            return now
+        if now - since >= d.retry_seconds:
+            d.fail_all(
+                ConnectionError(f"Redis at {d.url} unreachable for {d.retry_seconds:.0f} s: {exc}")
+            )
+            return now  # a new window: whatever is sent from now on gets its own
+        return since
+
+    def _batch(self, batch_id: str) -> InFlight | None:
+        with self.dispatcher._cv:
+            return self.dispatcher._inflight.get(batch_id)
+
+    def handle(self, kind: bytes, body: bytes) -> None:
+        if kind == names.STARTED:
+            batch = self._batch(body.decode())
+            for call in batch.calls if batch else ():
+                mark_running(call.future)
+        elif kind == names.FAILED:
+            notice = json.loads(body)
+            batch = self._batch(notice["id"])
+            if batch is not None:
+                self.settle_failure(batch, batch_failure(notice))
+        elif kind == names.DONE:
+            batch = self._batch(body[: names.ID_SIZE].decode())
+            if batch is None:
+                return  # a redelivered batch that already settled, or dropped work
+            try:
+                outcomes, seconds = self.dispatcher.signer.loads(body[names.ID_SIZE :])
+            except SignatureError as exc:
+                self.settle_failure(batch, exc)
+            except BaseException as exc:
+                self.settle_failure(
+                    batch,
+                    RemoteError(
+                        f"the outcomes of this batch could not be unpickled here: "
+                        f"{type(exc).__name__}: {exc}"
+                    ),
+                )
+            else:
+                self.settle(batch, outcomes, seconds)
+
+    def settle(self, batch: InFlight, outcomes: list[names.Outcome], seconds: float) -> None:
+        d = self.dispatcher
+        if len(outcomes) != batch.size:  # the batch failed as a whole (e.g. an import error)
+            ok, (exc, tb) = outcomes[0]
+            outcomes = [(False, (exc, tb))] * batch.size
+        else:
+            d.sizer.observe(batch.key, batch.size, seconds)
+        with d._cv:
+            if d._inflight.pop(batch.id, None) is None:
+                return
+            d._cv.notify_all()
+        if batch.job is not None:
+            batch.job.events.put((batch.first, outcomes))
+            return
+        for call, (ok, value) in zip(batch.calls, outcomes, strict=True):
+            settle(call.future, ok, value)
+
+    def settle_failure(self, batch: InFlight, exc: BaseException) -> None:
+        d = self.dispatcher
+        with d._cv:
+            if d._inflight.pop(batch.id, None) is None:
+                return
+            d._cv.notify_all()
+        outcome: names.Outcome = (False, (exc, ""))
+        if batch.job is not None:
+            batch.job.events.put((batch.first, [outcome] * batch.size))
+        for call in batch.calls:
+            settle(call.future, False, (exc, ""))

@@ -1,0 +1,108 @@
+"""The sender thread: carves batches out of pending work, signs and publishes them."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from taskstack import capacity, claims, names
+from taskstack.client.batching import InFlight, carve
+from taskstack.client.packing import pack
+from taskstack.client.results import MapJob
+
+if TYPE_CHECKING:
+    from taskstack.client.dispatch import Dispatcher
+
+logger = logging.getLogger(__name__)
+
+LOOKAHEAD_PER_PROCESS = 256
+"""Items of a lazily read map held ready per worker process, to size its batches from."""
+RETRY_BACKOFF_SECONDS = 0.5
+
+
+class Sender:
+    """Sends while there is room (two batches per worker process), until the client stops.
+
+    A broker that refuses a batch is retried for the client's retry time, then
+    every unsettled call fails with ``ConnectionError``.
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.thread = threading.Thread(target=self.run, name="taskstack-sender", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        d = self.dispatcher
+        with d.app.producer_or_acquire() as producer:
+            while True:
+                with d._cv:
+                    d._cv.wait_for(
+                        lambda: (d._stopping and not d._pending) or (bool(d._pending) and d._room())
+                    )
+                    if not d._pending:
+                        return
+                    head = d._pending[0]
+                if isinstance(head, MapJob):  # only this thread reads a map's input
+                    head.read_ahead(head.chunksize or LOOKAHEAD_PER_PROCESS * d.processes)
+                with d._cv:
+                    if not d._pending:
+                        continue
+                    carved = carve(d._pending, d.sizer, d.processes)
+                    if carved is None:
+                        # Cancelled work left the queue: drain() may be waiting for that.
+                        d._cv.notify_all()
+                        continue
+                    batch, calls = carved
+                    d._inflight[batch.id] = batch
+                self.send(producer, batch, calls)
+
+    def send(self, producer: Any, batch: InFlight, calls: names.Batch) -> None:
+        d = self.dispatcher
+        try:
+            blob = pack(
+                d.signer,
+                calls,
+                d.setup,
+                max_bytes=d.max_payload_bytes,
+                local_python=capacity.python_version(),
+                worker_pythons=d._capacity.pythons,
+            )
+        except Exception as exc:  # PayloadTooLarge, VersionMismatch, an unpicklable setup
+            d._receiver.settle_failure(batch, exc)
+            return
+        stop_keys = [claims.stop_key(d.id)]
+        if batch.job is not None:
+            stop_keys.append(claims.stop_key(batch.job.id))
+        kwargs = {
+            "payload": base64.b64encode(blob).decode(),
+            "reply_to": d.reply_key,
+            "notify_start": bool(batch.calls),
+            "stop_keys": stop_keys,
+        }
+        deadline = time.monotonic() + d.retry_seconds
+        while True:
+            try:
+                d.app.send_task(
+                    names.RUN_BATCH,
+                    kwargs=kwargs,
+                    task_id=batch.id,
+                    queue=d.queue,
+                    producer=producer,
+                    retry=False,
+                )
+                return
+            except Exception as exc:  # kombu's OperationalError, redis-py's errors
+                if time.monotonic() >= deadline:
+                    logger.error("could not send to %s for %.0f s: %s", d.url, d.retry_seconds, exc)
+                    d.fail_all(ConnectionError(f"Redis at {d.url} unreachable: {exc}"))
+                    return
+                with d._cv:
+                    if batch.id not in d._inflight:  # dropped meanwhile (abort, cancel)
+                        return
+                time.sleep(RETRY_BACKOFF_SECONDS)  # back off before the next attempt

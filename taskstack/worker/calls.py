@@ -1,0 +1,142 @@
+"""Running a batch's calls in a worker process, and packing their outcomes.
+
+Each call's value or exception becomes its outcome; one call's failure never
+touches its neighbours. A call's own ``SystemExit`` or ``KeyboardInterrupt``
+is its outcome too, as in ``ProcessPoolExecutor``; only when this process is
+itself being stopped (billiard's terminate handler has fired) or the batch is
+out of time does the exception end the batch, which Celery then requeues or
+records as a whole.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import CancelledError
+from typing import Final
+
+import cloudpickle
+from billiard.common import terminate_handler_fired
+from celery.exceptions import SoftTimeLimitExceeded
+
+from taskstack import names
+from taskstack.errors import RemoteError
+from taskstack.signing import Signer
+
+STOP_CHECK_SECONDS: Final = 0.5
+"""How often a running batch asks whether its client stopped it."""
+
+_initialized: set[str] = set()
+"""Setup tokens whose initializer already ran in this process."""
+
+
+def _failure(exc: BaseException) -> names.Outcome:
+    return False, (exc, "".join(traceback.format_exception(exc)))
+
+
+def _skipped() -> names.Outcome:
+    return False, (CancelledError(names.SKIPPED_CALL), "")
+
+
+def _ends_batch(exc: BaseException) -> bool:
+    """The batch is out of time, or this process is being stopped: no outcome of a call."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return True
+    return isinstance(exc, SystemExit | KeyboardInterrupt) and terminate_handler_fired()
+
+
+def initialize(setup: names.Setup) -> BaseException | None:
+    """Run the client's initializer once in this process; the error to report if it failed."""
+    if setup is None:
+        return None
+    token, initializer, initargs = setup
+    if token in _initialized:
+        return None
+    try:
+        initializer(*initargs)
+    except BaseException as exc:
+        if _ends_batch(exc):
+            raise
+        error = RuntimeError(
+            f"the initializer {getattr(initializer, '__qualname__', initializer)!r} failed "
+            f"in this worker process: {type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        return error
+    _initialized.add(token)
+    return None
+
+
+def run_calls(
+    calls: names.Batch,
+    skip: frozenset[int] = frozenset(),
+    stopped: Callable[[], bool] | None = None,
+) -> list[names.Outcome]:
+    """Run each call not in ``skip``, until ``stopped()`` says the client stopped the batch."""
+    outcomes: list[names.Outcome] = []
+    next_check = time.monotonic() + STOP_CHECK_SECONDS
+    for index, (fn, args, kwargs) in enumerate(calls):
+        if index in skip:
+            outcomes.append(_skipped())
+            continue
+        if stopped is not None and time.monotonic() >= next_check:
+            if stopped():
+                outcomes.extend(_skipped() for _ in calls[index:])
+                break
+            next_check = time.monotonic() + STOP_CHECK_SECONDS
+        try:
+            value = fn(*args, **kwargs) if kwargs else fn(*args)
+        except BaseException as exc:
+            if _ends_batch(exc):
+                raise  # Celery requeues the batch or records it as a whole
+            outcomes.append(_failure(exc))
+        else:
+            outcomes.append((True, value))
+    return outcomes
+
+
+def pack_outcomes(signer: Signer, outcomes: list[names.Outcome], seconds: float) -> bytes:
+    """Sign the outcomes; a value or exception that cannot travel becomes an error saying so."""
+    outcomes = [_rebuildable(outcome) for outcome in outcomes]
+    try:
+        return signer.dumps((outcomes, seconds))
+    except Exception:
+        safe = [_picklable(signer, outcome) for outcome in outcomes]
+        return signer.dumps((safe, seconds))
+
+
+def _rebuildable(outcome: names.Outcome) -> names.Outcome:
+    """A failure whose exception could not be rebuilt from its pickle becomes a RemoteError.
+
+    The everyday case is an exception whose ``__init__`` takes other arguments
+    than it passes to ``Exception.__init__``: it pickles, and fails to unpickle.
+    Only failures are checked, so successful calls cost nothing here.
+    """
+    ok, value = outcome
+    if ok:
+        return outcome
+    exc, tb = value
+    try:
+        cloudpickle.loads(cloudpickle.dumps(exc))
+    except Exception as problem:
+        return False, (
+            RemoteError.describe(exc, f"it cannot be rebuilt from a pickle: {problem}"),
+            tb,
+        )
+    return outcome
+
+
+def _picklable(signer: Signer, outcome: names.Outcome) -> names.Outcome:
+    try:
+        signer.dumps(outcome)
+    except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+        ok, value = outcome
+        if ok:
+            error: BaseException = TypeError(
+                f"the result of type {type(value).__name__} could not be pickled to send back: {exc}"
+            )
+            return _failure(error)
+        return False, (RemoteError.describe(value[0], f"it cannot be pickled: {exc}"), value[1])
+    return outcome
