@@ -6,7 +6,7 @@ import pytest
 
 from taskstack import ClusterExecutor, names
 from taskstack.settings import Settings
-from tests.support import Worker
+from tests.conftest import Worker
 
 
 @pytest.fixture

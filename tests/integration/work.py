@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import NoReturn
 
 import redis
 
@@ -56,7 +55,7 @@ def norm(p: Point) -> Point:
 
 
 class Unpicklable(Exception):
-    def __reduce__(self) -> NoReturn:
+    def __reduce__(self) -> object:
         raise TypeError("not today")
 
 
