@@ -1,17 +1,16 @@
-"""Fixtures shared by every tier: real redis-server, workers and Flower processes."""
+"""Fixtures shared by every tier: real redis-server, workers and Flower processes.
+
+The helpers behind them live in tests/support/; ``require`` and ``wait_for``
+are re-exported here for the modules that still import them from this file.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
 import redis
@@ -25,11 +24,18 @@ from taskstack.services.local import (
     worker_command,
     write_redis_config,
 )
-from taskstack.settings import ENV_VARS, Settings
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-UNSET = {name for name, _ in ENV_VARS.values()} | {"REDIS_PASSWORD", "REDIS_PORT"}
-"""Variables of the caller's own stack that must not leak into the test session's."""
+from taskstack.settings import Settings
+from tests.support import (
+    Flower,
+    Tripwire,
+    Worker,
+    free_port,
+    http_get,
+    settings_env,
+    start,
+)
+from tests.support import require as require
+from tests.support import wait_for as wait_for
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,75 +46,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="merge the fault scenarios' rows into DIR/reliability.{md,json} "
         "(scripts/reliability.py passes docs/reliability); they are always printed",
     )
-
-
-def require(available: bool, what: str) -> None:
-    """Skip when infrastructure is missing on a laptop; fail when it is missing in CI."""
-    if available:
-        return
-    if IN_CI:
-        pytest.fail(f"{what} is required when CI=true", pytrace=False)
-    pytest.skip(f"{what} is not available")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except Exception as exc:  # the thing waited for may refuse until it is up
-            last_error = exc
-        else:
-            if value:
-                return value
-        time.sleep(0.05)
-    raise TimeoutError(
-        f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})"
-    )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment variables that reproduce ``settings`` in a child process."""
-    env = {k: v for k, v in os.environ.items() if k not in UNSET}
-    return {**env, **settings.to_env()}
-
-
-@dataclass
-class Service:
-    """A child process of the test session, with its log file."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Service:
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{name}.log"
-    out: IO[bytes] = log.open("wb")
-    process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    return Service(name, process, log)
 
 
 @pytest.fixture(scope="session")
@@ -146,10 +83,15 @@ def redis_server(
     service.stop()
 
 
-@dataclass
-class Worker:
-    node: str
-    service: Service
+@pytest.fixture
+def redis_client(redis_server: Settings) -> Iterator[redis.Redis]:
+    """A client of the session's Redis, closed after the test.
+
+    Nothing is flushed: the session's workers keep their capacity entries there.
+    """
+    client = redis.Redis.from_url(redis_server.redis_url)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +102,7 @@ def start_worker(redis_server: Settings, logs_dir: Path) -> Iterator[Callable[..
 
     def factory(queue: str, settings: Settings | None = None) -> Worker:
         hostname = f"test-{secrets.token_hex(3)}"
-        node = f"{queue}@{hostname}"
+        node = names.node_name(queue, hostname)
         env = settings_env(settings or redis_server)
         service = start(node, worker_command(queue, hostname), env, logs_dir)
         worker = Worker(node, service)
@@ -193,26 +135,17 @@ def io_worker(start_worker: Callable[..., Worker]) -> Worker:
     return start_worker(names.IO_QUEUE)
 
 
-@dataclass
-class Flower:
-    url: str
-    auth: tuple[str, str]
-    service: Service
-
-
 @pytest.fixture(scope="session")
 def flower(redis_server: Settings, logs_dir: Path) -> Iterator[Flower]:
-    import urllib.request
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     service = start("flower", flower_command(port), settings_env(redis_server), logs_dir)
     wait_for(
-        lambda: urllib.request.urlopen(f"{url}/healthcheck", timeout=1).status == 200,
+        lambda: http_get(f"{url}/healthcheck", timeout=1)[0] == 200,
         60,
         f"Flower /healthcheck (log: {service.log})",
     )
-    yield Flower(url, (redis_server.flower_user, redis_server.flower_password), service)
+    yield Flower(url, redis_server.flower_basic_auth, service)
     service.stop()
 
 
@@ -225,3 +158,9 @@ def app(redis_server: Settings) -> Iterator[Celery]:
             client.amqp.queues[queue].bind(conn.default_channel).purge()
     yield client
     client.close()
+
+
+@pytest.fixture
+def tripwire(tmp_path: Path) -> Tripwire:
+    """An object whose unpickling leaves a file in the test's own directory."""
+    return Tripwire(tmp_path / "unpickled")

@@ -17,9 +17,6 @@ import os
 import secrets
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +24,11 @@ from typing import Any
 
 import pytest
 
+from taskstack import names
 from taskstack.settings import ENV_VARS, Settings
-from tests.conftest import free_port, require
+from tests.support import ROOT as ROOT
+from tests.support import free_port, http_get, print_past_capture, require, run
 
-ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "taskstack-test"
 """Its own project name: the containers, network and volumes of a stack the
 developer runs from the same checkout are left alone."""
@@ -61,22 +59,12 @@ def compose(env: Mapping[str, str], *args: str, project: str = PROJECT) -> str:
     is not merged in.
     """
     argv = ["docker", "compose", "--project-name", project, "--file", str(ROOT / "compose.yaml")]
-    try:
-        return subprocess.run(
-            [*argv, *args], env=dict(env), check=True, capture_output=True, text=True
-        ).stdout
-    except subprocess.CalledProcessError as exc:
-        exc.add_note(f"stderr:\n{exc.stderr[-5000:]}")
-        raise
+    return run([*argv, *args], env=env)
 
 
 def docker(*args: str) -> str:
     """Run a plain ``docker`` command and return its stdout."""
-    try:
-        return subprocess.run(["docker", *args], check=True, capture_output=True, text=True).stdout
-    except subprocess.CalledProcessError as exc:
-        exc.add_note(f"stderr:\n{exc.stderr[-5000:]}")
-        raise
+    return run(["docker", *args])
 
 
 def docker_available() -> bool:
@@ -154,20 +142,21 @@ class Stack:
         if not ids:
             return set()
         hostnames = docker("inspect", "--format", "{{.Config.Hostname}}", *ids).split()
-        return {f"{queue}@{hostname}" for hostname in hostnames}
+        return {names.node_name(queue, hostname) for hostname in hostnames}
 
 
 def flower_get(stack: Stack, path: str, *, auth: bool = True) -> tuple[int, str]:
     """GET a Flower page through its published port: (status, body)."""
-    request = urllib.request.Request(f"http://127.0.0.1:{stack.flower_port}{path}")
-    if auth:
-        credentials = stack.client_settings.flower_basic_auth.encode()
-        request.add_header("Authorization", f"Basic {b64encode(credentials).decode()}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
+    credentials = stack.client_settings.flower_basic_auth if auth else None
+    return http_get(
+        f"http://127.0.0.1:{stack.flower_port}{path}", basic_auth=credentials, timeout=15
+    )
+
+
+def flower_workers(stack: Stack) -> set[str]:
+    """The worker nodes Flower lists (after asking them afresh); none while it cannot answer."""
+    status, body = flower_get(stack, "/api/workers?refresh=1")
+    return set(json.loads(body)) if status == 200 else set()
 
 
 def new_stack(project: str = PROJECT, **settings: str) -> Stack:
@@ -196,9 +185,9 @@ def show_logs(config: pytest.Config, stack: Stack, tail: int = 50) -> None:
         logs = stack.compose("logs", "--no-color", "--timestamps", "--tail", str(tail))
     except subprocess.CalledProcessError as exc:
         logs = f"(docker compose logs failed: {exc.stderr})"
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(f"\n--- docker compose -p {stack.project} logs --tail {tail} ---\n{logs}", flush=True)
+    print_past_capture(
+        config, f"\n--- docker compose -p {stack.project} logs --tail {tail} ---\n{logs}"
+    )
 
 
 @contextlib.contextmanager

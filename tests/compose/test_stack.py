@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 
@@ -15,8 +14,8 @@ from redis.retry import Retry
 from tasks import compute
 from taskstack import names
 from taskstack.app import create_app
-from tests.compose.conftest import CPU_WORKERS, Stack, flower_get
-from tests.conftest import wait_for
+from tests.compose.conftest import CPU_WORKERS, Stack, flower_get, flower_workers
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
@@ -69,12 +68,7 @@ def test_io_tasks_run_on_the_io_worker(stack: Stack, client: Celery) -> None:
 
 def test_flower_lists_every_worker(stack: Stack) -> None:
     expected = stack.nodes("worker-cpu", names.CPU_QUEUE) | stack.nodes("worker-io", names.IO_QUEUE)
-
-    def listed() -> set[str]:
-        status, body = flower_get(stack, "/api/workers?refresh=1")
-        return set(json.loads(body)) if status == 200 else set()
-
-    wait_for(lambda: listed() == expected, 60, f"Flower to list {sorted(expected)}")
+    wait_for(lambda: flower_workers(stack) == expected, 60, f"Flower to list {sorted(expected)}")
 
 
 def test_flower_requires_auth_except_for_healthcheck(stack: Stack) -> None:

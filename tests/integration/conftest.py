@@ -6,7 +6,7 @@ import pytest
 
 from taskstack import ClusterExecutor, names
 from taskstack.settings import Settings
-from tests.conftest import Worker
+from tests.support import Worker
 
 
 @pytest.fixture

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
+import re
+import secrets
 import signal
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery
 from celery.exceptions import NotRegistered, WorkerLostError
-from kombu.exceptions import EncodeError
+from kombu.exceptions import ContentDisallowed, EncodeError
+from kombu.serialization import loads, prepare_accept_content
 
-from taskstack import ClusterExecutor, PayloadTooLarge, names
+from taskstack import ClusterExecutor, PayloadTooLarge, Signer, names
+from taskstack.app import create_app
 from taskstack.settings import Settings
-from tests.conftest import Worker, wait_for
 from tests.integration import work
+from tests.support import Tripwire, Worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -42,28 +46,35 @@ def test_unknown_task_name_fails_its_result_and_is_logged(app: Celery, cpu_worke
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "error", "message"),
     [
-        ((1, 2, 3), "takes 2 positional arguments but 3 were given"),
-        ((), "missing 2 required positional arguments"),
-        (([1], 2), "start must be an int, got list"),
+        ((1, 2, 3), TypeError, "takes 2 positional arguments but 3 were given"),
+        ((), TypeError, "missing 2 required positional arguments"),
+        ((10,), TypeError, "stop"),
+        (([1], 2), TypeError, "start must be an int, got list"),
+        (("a", 10), TypeError, "start must be an int, got str"),
+        ((10, 1), ValueError, "stop (1) must not be below start (10)"),
     ],
 )
-def test_wrong_argument_count_or_type(
-    app: Celery, cpu_worker: Worker, args: tuple[object, ...], message: str
+def test_wrong_argument_count_type_or_value(
+    app: Celery,
+    cpu_worker: Worker,
+    args: tuple[object, ...],
+    error: type[Exception],
+    message: str,
 ) -> None:
-    with pytest.raises(TypeError, match=message):
+    with pytest.raises(error, match=re.escape(message)):
         app.send_task(names.COUNT_PRIMES, args).get(timeout=RESULT_TIMEOUT)
     assert_still_serving(app, cpu_worker)
 
 
-def test_non_json_arguments_are_refused_before_sending(app: Celery, redis_server: Settings) -> None:
-    client = redis.Redis.from_url(redis_server.redis_url)
-    before = client.llen(names.CPU_QUEUE)
+def test_non_json_arguments_are_refused_before_sending(
+    app: Celery, redis_client: redis.Redis
+) -> None:
+    before = redis_client.llen(names.CPU_QUEUE)
     with pytest.raises(EncodeError, match="not JSON serializable"):
         app.send_task(names.COUNT_PRIMES, (object(), 10))
-    assert client.llen(names.CPU_QUEUE) == before
-    client.close()
+    assert redis_client.llen(names.CPU_QUEUE) == before
 
 
 def test_oversized_batches_are_refused_on_both_sides(
@@ -82,19 +93,9 @@ def test_oversized_batches_are_refused_on_both_sides(
             future.result(timeout=RESULT_TIMEOUT)
 
 
-class Tripwire:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (Path.touch, (Path(self.path),))
-
-
 def test_malformed_messages_in_the_queue_are_dropped_and_logged(
-    app: Celery, cpu_worker: Worker, redis_server: Settings, tmp_path: Path
+    app: Celery, cpu_worker: Worker, redis_client: redis.Redis, tripwire: Tripwire
 ) -> None:
-    tripwire = tmp_path / "unpickled"
-    client = redis.Redis.from_url(redis_server.redis_url)
     good_before = app.send_task(names.COUNT_PRIMES, (0, 10))
     envelope = {
         "body": "bm90IGpzb24=",  # base64 of "not json"
@@ -108,24 +109,23 @@ def test_malformed_messages_in_the_queue_are_dropped_and_logged(
             "priority": 0,
         },
     }
-    client.lpush(names.CPU_QUEUE, b"\x00 this is not a message")
-    client.lpush(names.CPU_QUEUE, json.dumps({"not": "an envelope"}))
-    client.lpush(names.CPU_QUEUE, json.dumps(envelope))
+    redis_client.lpush(names.CPU_QUEUE, b"\x00 this is not a message")
+    redis_client.lpush(names.CPU_QUEUE, json.dumps({"not": "an envelope"}))
+    redis_client.lpush(names.CPU_QUEUE, json.dumps(envelope))
     # A pickled plain task: the workers accept JSON only, so it must never be loaded.
-    app.send_task(names.COUNT_PRIMES, (Tripwire(str(tripwire)), 10), serializer="pickle")
+    app.send_task(names.COUNT_PRIMES, (tripwire, 10), serializer="pickle")
     good_after = app.send_task(names.COUNT_PRIMES, (0, 100))
 
     assert good_before.get(timeout=RESULT_TIMEOUT) == 4
     assert good_after.get(timeout=RESULT_TIMEOUT) == 25
-    wait_for(lambda: client.llen(names.CPU_QUEUE) == 0, 30, "the queue to drain")
+    wait_for(lambda: redis_client.llen(names.CPU_QUEUE) == 0, 30, "the queue to drain")
     log = cpu_worker.service.log_text()
     assert "dropping a malformed message from the queue (not JSON" in log
     assert "dropping a malformed message from the queue (not a message envelope)" in log
     assert "Can't decode message body" in log
     assert "Refusing to deserialize untrusted content of type pickle" in log
-    assert not tripwire.exists()
+    assert not tripwire.fired
     assert_still_serving(app, cpu_worker)
-    client.close()
 
 
 def kill_own_process() -> None:
@@ -149,10 +149,55 @@ def test_poison_call_is_given_up_and_does_not_block_the_queue(
     assert_still_serving(app, cpu_worker)
 
 
-def test_pickle_is_not_an_accepted_content_type(redis_server: Settings) -> None:
-    from taskstack.app import create_app
+def test_pickle_is_not_an_accepted_content_type(redis_server: Settings, tripwire: Tripwire) -> None:
+    app = create_app(redis_server)
+    accepted = list(app.conf.accept_content), list(app.conf.result_accept_content)
+    app.close()
+    assert accepted == (["json"], ["json"])
+    # What the lists mean to kombu, for messages and results alike: a pickled body
+    # is refused before anything of it is loaded.
+    body = pickle.dumps(tripwire)
+    for accept in accepted:
+        with pytest.raises(ContentDisallowed):
+            loads(
+                body,
+                "application/x-python-serialize",
+                "binary",
+                accept=prepare_accept_content(accept),
+            )
+    assert not tripwire.fired
 
-    conf = create_app(redis_server).conf
-    assert list(conf.accept_content) == ["json"]
-    assert list(conf.result_accept_content) == ["json"]
-    assert pickle.dumps is not None  # only tasks.signing unpickles, after verifying
+
+def _send_raw_batch(settings: Settings, blob: bytes) -> tuple[str, bytes]:
+    """Push a batch message as an attacker on the broker would; return its reply."""
+    app = create_app(settings)
+    reply_to = names.REPLY_KEY_PREFIX + secrets.token_hex(8)
+    app.send_task(
+        names.RUN_BATCH,
+        kwargs={"payload": base64.b64encode(blob).decode(), "reply_to": reply_to},
+        queue=names.CPU_QUEUE,
+    )
+    client = redis.Redis.from_url(settings.redis_url)
+    _, reply = client.blpop([reply_to], timeout=30) or (None, b"")
+    client.close()
+    app.close()
+    assert isinstance(reply, bytes)
+    return reply_to, reply
+
+
+@pytest.mark.parametrize("forge", ["wrong secret", "no signature", "tampered"])
+def test_forged_payloads_are_refused_and_never_unpickled(
+    redis_server: Settings, cpu_worker: Worker, tripwire: Tripwire, forge: str
+) -> None:
+    calls = [(work.square, (tripwire,), None)]
+    genuine = Signer(redis_server.secret).dumps(calls)
+    blob = {
+        "wrong secret": Signer("not-the-secret").dumps(calls),
+        "no signature": genuine[32:],
+        "tampered": genuine[:-1] + bytes([genuine[-1] ^ 1]),
+    }[forge]
+    _, reply = _send_raw_batch(redis_server, blob)
+    assert reply[:1] == names.FAILED
+    assert b"signature" in reply
+    assert not tripwire.fired
+    assert cpu_worker.service.process.poll() is None

@@ -1,14 +1,16 @@
-"""The joblib backend against real workers."""
+"""The joblib backend (taskstack/client/joblib_backend.py) against real workers."""
 
 from __future__ import annotations
 
 import joblib
 import pytest
+import redis
 
-from taskstack import JOBLIB_BACKEND
+from taskstack import JOBLIB_BACKEND, names
+from taskstack.capacity import capacity
 from taskstack.settings import Settings
-from tests.conftest import Worker
 from tests.integration import work
+from tests.support import Worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -30,6 +32,21 @@ def test_parallel_generator_and_errors(redis_server: Settings, cpu_worker: Worke
             joblib.Parallel()(joblib.delayed(work.inverse)(x) for x in [1, 0, 2])
 
 
-def test_n_jobs_minus_one_is_the_cluster_size(redis_server: Settings, cpu_worker: Worker) -> None:
+def test_n_jobs_minus_one_is_the_cluster_size(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
+) -> None:
+    processes = redis_server.cpu_concurrency
+    assert processes is not None  # the session's settings size its cpu worker
+
+    def cluster_size() -> int:
+        """Processes of the live cpu workers, once the session's own worker counts in it.
+
+        A worker that another test started may still count until its entry expires,
+        so the total is read rather than assumed.
+        """
+        size = capacity(redis_client, names.CPU_QUEUE)
+        return size if size >= processes else 0
+
+    cluster = wait_for(cluster_size, 10, "the cpu worker to announce its processes")
     with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
-        assert joblib.effective_n_jobs(-1) == 2
+        assert joblib.effective_n_jobs(-1) == cluster

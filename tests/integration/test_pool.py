@@ -10,8 +10,8 @@ import pytest
 
 from taskstack import Pool
 from taskstack.settings import Settings
-from tests.conftest import Worker
 from tests.integration import work
+from tests.support import Worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -1,24 +1,18 @@
-"""The stack's processes for real: redis-server, a prefork and a threads worker, Flower."""
+"""The stack's Celery tasks (tasks/stack.py) on real workers: results, pools, routing."""
 
 from __future__ import annotations
 
 import http.server
-import re
 import threading
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 
 from tasks import compute
 from taskstack import names
-from taskstack.settings import Settings
-from tests.conftest import Flower, Worker, wait_for
+from tests.support import Worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -85,98 +79,3 @@ def test_io_task_is_routed_to_the_io_queue_and_fetches(
     assert fetched["status"] == 200
     assert fetched["size"] == len(b"hello from loopback")
     assert app.AsyncResult(result.id).worker == io_worker.node
-
-
-@pytest.mark.parametrize(
-    ("args", "error", "message"),
-    [
-        (("a", 10), TypeError, "start must be an int, got str"),
-        ((10,), TypeError, "stop"),
-        ((10, 1), ValueError, "stop (1) must not be below start (10)"),
-    ],
-)
-def test_bad_arguments_give_a_clear_error_and_the_worker_keeps_serving(
-    app: Celery, cpu_worker: Worker, args: tuple[Any, ...], error: type[Exception], message: str
-) -> None:
-    bad = app.send_task(names.COUNT_PRIMES, args)
-    with pytest.raises(error, match=re.escape(message)):
-        bad.get(timeout=RESULT_TIMEOUT)
-    assert app.send_task(names.COUNT_PRIMES, (0, 100)).get(timeout=RESULT_TIMEOUT) == 25
-    assert cpu_worker.service.process.poll() is None
-
-
-def _flower_get(flower: Flower, path: str, auth: bool = True) -> Any:
-    import json
-
-    request = urllib.request.Request(flower.url + path)
-    if auth:
-        token = b64encode(":".join(flower.auth).encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        body = response.read()
-        return (
-            json.loads(body) if response.headers.get_content_type() == "application/json" else body
-        )
-
-
-def test_flower_lists_both_workers(flower: Flower, cpu_worker: Worker, io_worker: Worker) -> None:
-    workers = wait_for(
-        lambda: (
-            (w := _flower_get(flower, "/api/workers?refresh=1"))
-            and {cpu_worker.node, io_worker.node} <= set(w)
-            and w
-        ),
-        30,
-        "Flower to list both workers",
-    )
-    assert {cpu_worker.node, io_worker.node} <= set(workers)
-
-
-def test_flower_counts_the_tasks_that_were_sent(
-    app: Celery, flower: Flower, cpu_worker: Worker
-) -> None:
-    sent = {app.send_task(names.MONTE_CARLO_PI, (1000, seed)).id for seed in range(7)}
-    failed = app.send_task(names.MONTE_CARLO_PI, (-1,)).id
-
-    def seen() -> dict[str, str]:
-        tasks = _flower_get(flower, f"/api/tasks?taskname={names.MONTE_CARLO_PI}")
-        return {tid: t["state"] for tid, t in tasks.items() if tid in sent | {failed}}
-
-    states = wait_for(
-        lambda: (
-            (s := seen())
-            and len(s) == 8
-            and "STARTED" not in s.values()
-            and "RECEIVED" not in s.values()
-            and s
-        ),
-        30,
-        "Flower to see all eight tasks finish",
-    )
-    assert sum(state == "SUCCESS" for state in states.values()) == 7
-    assert states[failed] == "FAILURE"
-
-
-@pytest.mark.parametrize("path", ["/api/workers", "/api/tasks", "/", "/metrics"])
-def test_flower_refuses_unauthenticated_requests(flower: Flower, path: str) -> None:
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        _flower_get(flower, path, auth=False)
-    assert refused.value.code == 401
-
-
-def test_flower_healthcheck_needs_no_auth(flower: Flower) -> None:
-    assert _flower_get(flower, "/healthcheck", auth=False) == b"OK"
-
-
-def test_flower_serves_metrics_with_auth(flower: Flower, cpu_worker: Worker) -> None:
-    assert b"flower_events_total" in _flower_get(flower, "/metrics")
-
-
-def test_redis_refuses_clients_without_the_password(redis_server: Settings) -> None:
-    url = redis.connection.parse_url(redis_server.redis_url)
-    anonymous = redis.Redis(host=url["host"], port=url["port"])
-    with pytest.raises(redis.AuthenticationError):
-        anonymous.ping()
-    with pytest.raises(redis.AuthenticationError):
-        redis.Redis(host=url["host"], port=url["port"], password="wrong").ping()
-    assert redis.Redis.from_url(redis_server.redis_url).ping()

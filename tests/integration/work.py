@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import redis
 
@@ -55,7 +56,7 @@ def norm(p: Point) -> Point:
 
 
 class Unpicklable(Exception):
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("not today")
 
 

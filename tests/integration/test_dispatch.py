@@ -1,0 +1,49 @@
+"""The executor's sender (taskstack/client/dispatch.py), driven into a forced order."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from taskstack import names
+from taskstack.app import create_app
+from taskstack.client.dispatch import Dispatcher
+from taskstack.client.results import MapJob
+from taskstack.settings import Settings
+from tests.integration import work
+from tests.support import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def test_shutdown_is_not_left_waiting_by_a_cancelled_map(redis_server: Settings) -> None:
+    """A map cancelled before all of it was sent (its consumer raised) must not hang shutdown.
+
+    The sender drops the cancelled map from the queue; drain(), already waiting
+    for the queue to empty, has to hear of it. The order is forced: Condition
+    wakes its waiters first come, first served, and the sender waits first.
+    """
+    app = create_app(redis_server)
+    dispatcher = Dispatcher(app, redis_server.secret, names.CPU_QUEUE)
+    try:
+        wait_for(lambda: len(dispatcher._cv._waiters) == 1, 10, "the sender to idle")  # type: ignore[attr-defined]
+        job = MapJob(work.add, [(1, 2), (3, 4)])
+        job.cancelled = True
+        with dispatcher._cv:
+            dispatcher._pending.append(job)
+        drained = threading.Event()
+
+        def drain() -> None:
+            dispatcher.drain()
+            drained.set()
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        wait_for(lambda: len(dispatcher._cv._waiters) == 2, 10, "drain() to wait")  # type: ignore[attr-defined]
+        with dispatcher._cv:
+            dispatcher._cv.notify()  # the sender only
+        assert drained.wait(10), "drain() still waits though nothing is pending or in flight"
+    finally:
+        dispatcher.stop(wait=True)
+        app.close()

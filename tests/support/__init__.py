@@ -1,0 +1,220 @@
+"""Helpers every tier of the tests shares, written once.
+
+- waiting on a condition: :func:`wait_for`;
+- infrastructure a tier needs: :func:`require` (skip on a laptop, fail in CI),
+  :func:`free_port`;
+- child processes: :func:`run` (stderr kept on failure), :class:`Service` and
+  :func:`start`, :func:`child_pids`, :func:`settings_env`;
+- what the session's fixtures hand out: :class:`Worker`, :class:`Flower`;
+- HTTP with basic auth (Flower): :func:`http_get`;
+- proof that nothing was unpickled: :class:`Tripwire`;
+- output that must get past pytest's capture: :func:`print_past_capture`.
+
+What the deployment files (compose.yaml, stack.yaml) say is read by
+:mod:`tests.support.deployment`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import pytest
+
+from taskstack.settings import ENV_VARS, Settings
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The checkout: compose.yaml, taskstack/, tests/ and scripts/ are below it."""
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+UNSET = {name for name, _ in ENV_VARS.values()} | {"REDIS_PASSWORD", "REDIS_PORT"}
+"""Variables of the caller's own stack that must not leak into the test session's."""
+
+
+# -- waiting and infrastructure ---------------------------------------------------------
+
+
+def wait_for(
+    condition: Callable[[], T | None], timeout: float, what: str, *, interval: float = 0.05
+) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that; fail naming ``what``.
+
+    An exception counts as "not yet" (the thing waited for may refuse until it is
+    up); the last one is named in the failure.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = condition()
+        except Exception as exc:
+            last_error = exc
+        else:
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"timed out after {timeout:g}s waiting for {what} (last error: {last_error!r})"
+            )
+        time.sleep(interval)
+
+
+def require(available: bool, what: str) -> None:
+    """Skip when infrastructure is missing on a laptop; fail when it is missing in CI."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required when CI=true", pytrace=False)
+    pytest.skip(f"{what} is not available")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- child processes ------------------------------------------------------------------------
+
+
+def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """Run a command to completion and return its stdout; its stderr goes with a failure."""
+    try:
+        return subprocess.run(
+            list(argv),
+            env=None if env is None else dict(env),
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        exc.add_note(f"stderr:\n{exc.stderr[-5000:]}")
+        raise
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started, whichever of its threads started them (Linux)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return children
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that reproduce ``settings`` in a child process."""
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    return {**env, **settings.to_env()}
+
+
+@dataclass
+class Service:
+    """A child process of the test session, with its log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Service:
+    """Start ``argv`` with its output in ``logs/<name>.log``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}.log"
+    out: IO[bytes] = log.open("wb")
+    process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    return Service(name, process, log)
+
+
+@dataclass
+class Worker:
+    """A worker process the session started: its Celery node name and its process."""
+
+    node: str
+    service: Service
+
+
+# -- HTTP -------------------------------------------------------------------------------------
+
+
+def http_get(url: str, *, basic_auth: str | None = None, timeout: float = 10) -> tuple[int, str]:
+    """GET ``url``, with ``user:password`` basic auth if given: (status, body).
+
+    An HTTP error status is returned like any other, with an empty body.
+    """
+    request = urllib.request.Request(url)
+    if basic_auth is not None:
+        request.add_header("Authorization", f"Basic {b64encode(basic_auth.encode()).decode()}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+@dataclass
+class Flower:
+    """The session's Flower: its base URL, ``user:password``, and its process."""
+
+    url: str
+    basic_auth: str
+    service: Service
+
+    def get(self, path: str, *, auth: bool = True) -> tuple[int, str]:
+        return http_get(self.url + path, basic_auth=self.basic_auth if auth else None)
+
+
+# -- pickles -------------------------------------------------------------------------------
+
+
+class Tripwire:
+    """Unpickling this creates ``path``: no file afterwards proves nothing was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Callable[[Path], None], tuple[Path]]:
+        return (Path.touch, (self.path,))
+
+    @property
+    def fired(self) -> bool:
+        return self.path.exists()
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def print_past_capture(config: pytest.Config, text: str) -> None:
+    """Print ``text`` to the terminal even where pytest captures output (e.g. in a teardown)."""
+    capture: Any = config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:  # run with -p no:capture: nothing to get past
+        print(text, flush=True)
+        return
+    with capture.global_and_fixture_disabled():
+        print(text, flush=True)
