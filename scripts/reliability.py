@@ -4,7 +4,7 @@
     .venv/bin/python scripts/reliability.py              # every scenario (about 10 minutes)
     .venv/bin/python scripts/reliability.py -k kill      # some of them; other rows are kept
 
-Runs ``pytest -m faults`` on tests/compose/test_faults.py and
+Runs ``pytest -m faults`` on tests/compose/faults/ (a module per scenario) and
 tests/compose/test_swarm_hosts.py with this checkout's venv (a Docker engine
 with Compose v2 is required: the project's stack is built and started with
 short timeouts, then removed; the host scenario needs root for a second
@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "reliability" / "reliability.md"
-SCENARIO_MODULES = ("tests/compose/test_faults.py", "tests/compose/test_swarm_hosts.py")
+SCENARIO_MODULES = ("tests/compose/faults", "tests/compose/test_swarm_hosts.py")
 
 
 def venv_python() -> Path:

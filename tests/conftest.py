@@ -37,15 +37,8 @@ from tests.support import (
 from tests.support import require as require
 from tests.support import wait_for as wait_for
 
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--reliability-report",
-        metavar="DIR",
-        type=Path,
-        help="merge the fault scenarios' rows into DIR/reliability.{md,json} "
-        "(scripts/reliability.py passes docs/reliability); they are always printed",
-    )
+pytest_plugins = ["tests.compose.faults.report"]
+"""The reliability report: its option, its ``scenario`` marker and ``report_row`` fixture."""
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Functions the fault tests run on the compose workers.
 
-The worker image holds only ``tasks/``, so test_faults.py registers this module
-with ``cloudpickle.register_pickle_by_value``: its functions travel inside each
-batch. They import what they need when they run, from the image.
+The worker image holds only ``tasks/``, so the ``faults`` fixture (conftest.py
+here) registers this module with ``cloudpickle.register_pickle_by_value``: its
+functions travel inside each batch. They import what they need when they run,
+from the image.
 
 Each run is recorded in Redis (as the containers reach it) so that the test can
 count executions: ``HINCRBY <key>:runs <item> 1`` and one line on ``<key>:log``

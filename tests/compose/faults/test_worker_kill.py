@@ -1,0 +1,151 @@
+"""Scenario 1: a cpu worker SIGKILLed mid-map, three times; kombu redelivers what it held."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import pytest
+
+from taskstack import ClusterExecutor
+from tests.compose.conftest import CPU_WORKERS, RESTORE_SWEEP_SECONDS, Row, Stack, docker
+from tests.compose.faults import work
+from tests.compose.faults.stack import (
+    LATEST_REDELIVERY_AGE,
+    MARKS,
+    POLL_SECONDS,
+    REDELIVERY_SECONDS,
+    VISIBILITY_TIMEOUT,
+    ensure_cpu_workers,
+    gone_or_restarted,
+    host_redis,
+    inspect,
+    unacked_ids,
+)
+from tests.compose.faults.trace import Run, Trace, redelivered_batches
+from tests.support import wait_for
+
+pytestmark = MARKS
+
+PROGRESS_TO_KILL_AT = (0.15, 0.35, 0.55)
+KILL_ITEMS = 2_400
+KILL_ITEM_SECONDS = 0.012
+KILL_CHUNKSIZE = 20
+"""120 batches of ~0.25 s CPU; the executor keeps two per worker process in flight."""
+
+
+@pytest.mark.scenario("1 worker SIGKILLed x3 during a map")
+def test_killed_workers_lose_no_accepted_work(faults: Stack, report_row: Row) -> None:
+    replicas = ensure_cpu_workers(faults)
+    trace = Trace(faults)
+    square = functools.partial(trace.fn(work.square_after), KILL_ITEM_SECONDS)
+    kills: list[tuple[float, str]] = []  # (time, hostname)
+    after_kill: list[str] = []
+    report_row.sent = KILL_ITEMS
+    with ClusterExecutor(faults.client_settings) as executor:
+        started = time.time()
+        results = executor.map(
+            square, range(KILL_ITEMS), chunksize=KILL_CHUNKSIZE, timeout=REDELIVERY_SECONDS + 120
+        )
+        for victim, progress in zip(replicas, PROGRESS_TO_KILL_AT, strict=False):
+            wait_for(
+                functools.partial(trace.reached, progress * KILL_ITEMS),
+                120,
+                f"{progress:.0%} of the items to have run",
+                interval=0.1,
+            )
+            began, host = inspect(victim, "{{.State.StartedAt}} {{.Config.Hostname}}").split()
+            docker("kill", victim)
+            kills.append((time.time(), host))
+            # What does Docker do (restart: unless-stopped)? Either the container is
+            # down, or it came back on its own with a new start time.
+            state = wait_for(
+                functools.partial(gone_or_restarted, victim, began),
+                60,
+                "the kill",
+                interval=POLL_SECONDS,
+            )
+            after_kill.append(state)
+            # Back to three replicas, as an operator (or an orchestrator) would.
+            faults.compose(
+                "up", "--detach", "--no-recreate", f"--scale=worker-cpu={CPU_WORKERS}", "worker-cpu"
+            )
+        values = list(results)
+        finished = time.time()
+
+    assert values == [i * i for i in range(KILL_ITEMS)]
+    report_row.completed = len(values)
+    report_row.duplicates = trace.duplicates()
+
+    runs = trace.runs()
+    assert {run.item for run in runs} == set(range(KILL_ITEMS))
+    batches = redelivered_batches(runs)
+    # Every kill takes the batches its two processes were running.
+    assert batches, "no batch was redelivered, yet three busy workers were killed"
+    delays, ages = [], []
+    for first, again in batches.values():
+        if first is None:  # delivered, never started: lost in the last kill before it expired
+            expired = [t for t, _ in kills if t <= again.started - VISIBILITY_TIMEOUT + 2]
+            lost_at = max(expired, default=kills[0][0])
+        else:
+            lost_in = [t for t, host in kills if host == first.host and t >= first.started]
+            assert lost_in, f"batch {again.task_id} was redelivered, its worker was not killed"
+            lost_at = lost_in[0]
+            # Redelivered by kombu's visibility-timeout restore, not by anything sooner.
+            ages.append(again.started - first.started)
+        delays.append(again.started - lost_at)
+    assert ages and min(ages) >= VISIBILITY_TIMEOUT - 2, ages
+    assert max(ages) <= LATEST_REDELIVERY_AGE, ages
+    wait_for(
+        lambda: not unacked_ids(host_redis(faults)) & {r.task_id for r in runs},
+        30,
+        "every batch to be acknowledged",
+        interval=POLL_SECONDS,
+    )
+    ensure_cpu_workers(faults)
+
+    report_row.recovery_s = max(delays)
+    report_row.figures = {
+        "visibility_timeout_s": VISIBILITY_TIMEOUT,
+        "items": KILL_ITEMS,
+        "item_cpu_s": KILL_ITEM_SECONDS,
+        "chunksize": KILL_CHUNKSIZE,
+        "kills": len(kills),
+        "docker_state_after_kill": after_kill,
+        "redelivered_batches": len(batches),
+        "restore_delay_after_kill_s": [round(d, 1) for d in sorted(delays)],
+        "age_at_redelivery_s": [round(a, 1) for a in sorted(ages)],
+        "map_wall_s": round(finished - started, 1),
+        "timeline": timeline(runs, [t for t, _ in kills], started, finished),
+    }
+    report_row.note(
+        f"{len(batches)} batches (of {KILL_ITEMS // KILL_CHUNKSIZE}) redelivered by kombu's "
+        f"visibility-timeout restore, {min(delays):.0f}-{max(delays):.0f} s after their kill "
+        f"(VT {VISIBILITY_TIMEOUT} s + up to {RESTORE_SWEEP_SECONDS} s sweep period)"
+    )
+    if set(after_kill) == {"exited"}:
+        report_row.note(
+            "Docker left each killed container exited (restart: unless-stopped does not "
+            "apply to docker kill); compose up --no-recreate started it again"
+        )
+    else:
+        report_row.note(f"after docker kill the containers were: {', '.join(after_kill)}")
+
+
+def timeline(
+    runs: list[Run], kills: list[float], started: float, finished: float
+) -> dict[str, Any]:
+    """When items started (first runs, and runs again), relative to the map's start: for the plot."""
+    first: list[float] = []
+    again: list[float] = []
+    seen: set[int] = set()
+    for run in sorted(runs, key=lambda run: run.started):
+        (again if run.item in seen else first).append(round(run.started - started, 2))
+        seen.add(run.item)
+    return {
+        "first_runs_s": first,
+        "runs_again_s": again,
+        "events_s": {"SIGKILL": [round(t - started, 2) for t in kills]},
+        "end_s": round(finished - started, 2),
+    }
