@@ -11,11 +11,11 @@ from tests.support import Worker
 
 @pytest.fixture
 def executor(redis_server: Settings, cpu_worker: Worker) -> Iterator[ClusterExecutor]:
-    with ClusterExecutor(redis_server) as ex:
+    with ClusterExecutor(settings=redis_server) as ex:
         yield ex
 
 
 @pytest.fixture
 def io_executor(redis_server: Settings, io_worker: Worker) -> Iterator[ClusterExecutor]:
-    with ClusterExecutor(redis_server, queue=names.IO_QUEUE) as ex:
+    with ClusterExecutor(settings=redis_server, queue=names.IO_QUEUE) as ex:
         yield ex

@@ -81,13 +81,13 @@ def test_oversized_batches_are_refused_on_both_sides(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:
     small = replace(redis_server, max_payload_bytes=10_000)
-    with ClusterExecutor(small) as executor:
+    with ClusterExecutor(settings=small) as executor:
         with pytest.raises(PayloadTooLarge, match="over MAX_PAYLOAD_BYTES=10,000"):
             executor.submit(len, b"x" * 20_000).result(timeout=RESULT_TIMEOUT)
         assert executor.submit(len, b"x" * 100).result(timeout=RESULT_TIMEOUT) == 100
     # A client that allows more than the workers accept is refused by the workers.
     large = replace(redis_server, max_payload_bytes=64 * 1024 * 1024)
-    with ClusterExecutor(large) as executor:
+    with ClusterExecutor(settings=large) as executor:
         future = executor.submit(len, b"x" * (redis_server.max_payload_bytes + 1))
         with pytest.raises(RuntimeError, match=r"PayloadTooLarge.*exceeds MAX_PAYLOAD_BYTES"):
             future.result(timeout=RESULT_TIMEOUT)

@@ -27,9 +27,9 @@ def test_capacity_is_announced_and_withdrawn(
         assert value is None or isinstance(value, bytes), value
         return value
 
-    processes, _expires = wait_for(entry, 10, "the capacity entry").split()
+    processes, _expires, *_versions = wait_for(entry, 10, "the capacity entry").split()
     assert int(processes) == redis_server.cpu_concurrency
-    assert capacity(redis_client, names.CPU_QUEUE) >= redis_server.cpu_concurrency
+    assert capacity(redis_client, names.CPU_QUEUE).processes >= redis_server.cpu_concurrency
     worker.service.stop(timeout=SOFT_SHUTDOWN_SECONDS + SHUTDOWN_DEADLINE_SECONDS)
     assert worker.service.process.returncode != EXIT_WEDGED
     assert redis_client.hget(key, worker.node) is None  # gone at once, not when it expires

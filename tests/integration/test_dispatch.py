@@ -28,7 +28,7 @@ def test_shutdown_is_not_left_waiting_by_a_cancelled_map(redis_server: Settings)
     dispatcher = Dispatcher(app, redis_server.secret, names.CPU_QUEUE)
     try:
         wait_for(lambda: len(dispatcher._cv._waiters) == 1, 10, "the sender to idle")  # type: ignore[attr-defined]
-        job = MapJob(work.add, [(1, 2), (3, 4)])
+        job = MapJob(work.add, iter([(1, 2), (3, 4)]), total=2)
         job.cancelled = True
         with dispatcher._cv:
             dispatcher._pending.append(job)

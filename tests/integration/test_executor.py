@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from taskstack import ClusterExecutor, RemoteTraceback, SignatureError, names
+from taskstack import ClusterExecutor, RemoteError, RemoteTraceback, SignatureError, names
 from taskstack.settings import Settings
 from tests.integration import work
 from tests.support import Worker, child_pids, wait_for
@@ -59,8 +59,11 @@ def test_submit_reraises_the_remote_exception_type(executor: ClusterExecutor) ->
 
 
 def test_an_exception_that_cannot_travel_back_is_reported(executor: ClusterExecutor) -> None:
-    with pytest.raises(TypeError, match="could not be pickled to send back"):
+    # Since c8e7d08 it comes back as a RemoteError naming it, not as a TypeError.
+    with pytest.raises(RemoteError, match=r"Unpicklable: custom \(raised on a worker") as raised:
         executor.submit(work.fail_oddly).result(timeout=30)
+    assert raised.value.type_name == "tests.integration.work.Unpicklable"
+    assert "it cannot be rebuilt from a pickle: not today" in str(raised.value)
 
 
 def test_map_timeout_raises_timeout_error(io_executor: ClusterExecutor) -> None:
@@ -122,7 +125,7 @@ def test_running_future_cannot_be_cancelled(io_executor: ClusterExecutor) -> Non
 
 
 def test_submit_after_shutdown_raises(redis_server: Settings, cpu_worker: Worker) -> None:
-    executor = ClusterExecutor(redis_server)
+    executor = ClusterExecutor(settings=redis_server)
     assert executor.submit(work.square, 4).result(timeout=30) == 16
     executor.shutdown()
     with pytest.raises(RuntimeError, match="after shutdown"):
@@ -132,7 +135,7 @@ def test_submit_after_shutdown_raises(redis_server: Settings, cpu_worker: Worker
 
 
 def test_shutdown_waits_for_submitted_work(redis_server: Settings, io_worker: Worker) -> None:
-    executor = ClusterExecutor(redis_server, queue=names.IO_QUEUE)
+    executor = ClusterExecutor(settings=redis_server, queue=names.IO_QUEUE)
     futures = [executor.submit(work.nap, 0.2) for _ in range(6)]
     executor.shutdown(wait=True)
     assert all(f.done() and f.result() == 0.2 for f in futures)
@@ -157,14 +160,17 @@ def test_bad_chunksize_is_refused(executor: ClusterExecutor) -> None:
     with pytest.raises(ValueError, match="chunksize must be >= 1"):
         executor.map(work.square, [1], chunksize=0)
     with pytest.raises(ValueError, match="queue must be one of"):
-        ClusterExecutor(Settings(), queue="gpu")
+        ClusterExecutor(settings=Settings(), queue="gpu")
 
 
 def test_executor_with_the_wrong_secret_gets_a_clear_error(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:
     wrong = replace(redis_server, secret="guessed")
-    with ClusterExecutor(wrong) as executor, pytest.raises(SignatureError, match="refused"):
+    with (
+        ClusterExecutor(settings=wrong) as executor,
+        pytest.raises(SignatureError, match="refused"),
+    ):
         executor.submit(work.square, 2).result(timeout=30)
 
 

@@ -44,7 +44,7 @@ def test_n_jobs_minus_one_is_the_cluster_size(
         A worker that another test started may still count until its entry expires,
         so the total is read rather than assumed.
         """
-        size = capacity(redis_client, names.CPU_QUEUE)
+        size = capacity(redis_client, names.CPU_QUEUE).processes
         return size if size >= processes else 0
 
     cluster = wait_for(cluster_size, 10, "the cpu worker to announce its processes")

@@ -60,7 +60,7 @@ def graceful_stop(faults: Stack) -> GracefulStop:
     app = create_app(stack.client_settings)
     trace = Trace(stack)
     try:
-        with ClusterExecutor(stack.client_settings) as executor:
+        with ClusterExecutor(settings=stack.client_settings) as executor:
             # One process each (3 workers x 2): a long and a short of each kind.
             waits = [LONG_TASK_SECONDS, LONG_TASK_SECONDS, SHORT_TASK_SECONDS]
             plain = [app.send_task(names.WAIT, (s,), queue=names.CPU_QUEUE) for s in waits]

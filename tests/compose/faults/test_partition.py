@@ -68,7 +68,7 @@ def partition(faults: Stack) -> Partition:
     trace = Trace(stack)
     app = create_app(stack.client_settings)
     try:
-        with ClusterExecutor(stack.client_settings) as executor:
+        with ClusterExecutor(settings=stack.client_settings) as executor:
             results = executor.map(
                 trace.fn(work.nap),
                 range(PARTITION_ITEMS),

@@ -53,8 +53,8 @@ def test_poison_task_is_given_up_and_blocks_nothing(faults: Stack, report_row: R
     # Its own executor: calls submitted in a burst share a message, and the work
     # sent right behind the poison must not share its fate.
     with (
-        ClusterExecutor(faults.client_settings) as poisoned,
-        ClusterExecutor(faults.client_settings) as executor,
+        ClusterExecutor(settings=faults.client_settings) as poisoned,
+        ClusterExecutor(settings=faults.client_settings) as executor,
     ):
         sent_at = time.time()
         poison = poisoned.submit(trace.fn(work.poison), 0)

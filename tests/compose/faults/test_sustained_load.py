@@ -87,7 +87,7 @@ def test_sustained_load_keeps_memory_bounded(faults: Stack, report_row: Row) -> 
     sampler.start()
     started = time.time()
     try:
-        with ClusterExecutor(faults.client_settings) as executor:
+        with ClusterExecutor(settings=faults.client_settings) as executor:
             total = sum(
                 executor.map(work.cube, range(LOAD_ITEMS), [LOAD_ITEM_SECONDS] * LOAD_ITEMS)
             )

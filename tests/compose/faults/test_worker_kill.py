@@ -43,7 +43,7 @@ def test_killed_workers_lose_no_accepted_work(faults: Stack, report_row: Row) ->
     kills: list[tuple[float, str]] = []  # (time, hostname)
     after_kill: list[str] = []
     report_row.sent = KILL_ITEMS
-    with ClusterExecutor(faults.client_settings) as executor:
+    with ClusterExecutor(settings=faults.client_settings) as executor:
         started = time.time()
         results = executor.map(
             square, range(KILL_ITEMS), chunksize=KILL_CHUNKSIZE, timeout=REDELIVERY_SECONDS + 120
