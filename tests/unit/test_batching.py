@@ -1,9 +1,10 @@
-import time
+"""How the executor sizes its batches (taskstack/client/batching.py)."""
+
+from __future__ import annotations
 
 import pytest
 
 from taskstack.client.batching import BatchSizer
-from taskstack.client.results import MapJob, ordered, unordered
 
 
 def test_guided_batches_shrink_towards_the_end() -> None:
@@ -37,34 +38,3 @@ def test_cost_estimate_is_smoothed() -> None:
     assert sizer.cost("f") == pytest.approx(0.2)
     sizer.observe("f", 0, 1.0)  # an empty batch says nothing
     assert sizer.cost("f") == pytest.approx(0.2)
-
-
-def test_ordered_waits_for_gaps_and_unordered_does_not() -> None:
-    job = MapJob(abs, [(i,) for i in range(5)])
-    job.events.put((3, [(True, 3), (True, 4)]))
-    job.events.put((0, [(True, 0), (True, 1), (True, 2)]))
-    assert list(ordered(job, deadline=None)) == [0, 1, 2, 3, 4]
-    job = MapJob(abs, [(i,) for i in range(5)])
-    job.events.put((3, [(True, 3), (True, 4)]))
-    job.events.put((0, [(True, 0), (True, 1), (True, 2)]))
-    assert list(unordered(job, deadline=None)) == [3, 4, 0, 1, 2]
-
-
-def test_results_raise_errors_timeouts_and_cancellation() -> None:
-    from concurrent.futures import CancelledError
-
-    job = MapJob(abs, [(0,), (1,)])
-    job.events.put((0, [(True, "a"), (False, (KeyError("k"), "remote tb"))]))
-    results = ordered(job, deadline=None)
-    assert next(results) == "a"
-    with pytest.raises(KeyError) as raised:
-        next(results)
-    assert "remote tb" in str(raised.value.__cause__)
-
-    with pytest.raises(TimeoutError):
-        list(ordered(MapJob(abs, [(0,)]), deadline=time.monotonic() + 0.05))
-
-    cancelled = MapJob(abs, [(0,)])
-    cancelled.cancel()
-    with pytest.raises(CancelledError):
-        list(ordered(cancelled, deadline=None))

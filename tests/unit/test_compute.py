@@ -1,8 +1,12 @@
+"""The CPU-bound work behind the stack's tasks (tasks/compute.py)."""
+
+from __future__ import annotations
+
 import math
 
 import pytest
 
-from tasks import compute, iowork
+from tasks import compute
 
 
 def test_count_primes_matches_known_counts() -> None:
@@ -53,11 +57,3 @@ def test_matmul_trace_equals_numpy() -> None:
     assert compute.matmul_trace(8, seed=5) == pytest.approx(float(np.trace(a @ b)))
     with pytest.raises(ValueError, match="n must be a positive integer"):
         compute.matmul_trace(-1)
-
-
-def test_io_helpers_reject_bad_input() -> None:
-    with pytest.raises(ValueError, match="url must be http"):
-        iowork.fetch_url("file:///etc/passwd")
-    with pytest.raises(ValueError, match="seconds must not be negative"):
-        iowork.wait(-1)
-    assert iowork.wait(0) == 0

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import taskstack
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 MAX_MODULE_LINES = 300
 
 
@@ -30,6 +30,13 @@ def test_public_surface_is_exactly_all() -> None:
     modules = {name for name, value in vars(taskstack).items() if type(value) is type(taskstack)}
     assert set(taskstack.__all__) == public - modules
     assert {"ClusterExecutor", "Pool", "Settings"} <= set(taskstack.__all__)
+
+
+def test_public_names_are_exported_and_documented() -> None:
+    assert sorted(taskstack.__all__) == sorted(set(taskstack.__all__))
+    for name in taskstack.__all__:
+        obj = getattr(taskstack, name)
+        assert obj.__doc__, f"taskstack.{name} has no docstring"
 
 
 def test_client_side_imports_nothing_from_the_worker_side() -> None:

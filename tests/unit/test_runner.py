@@ -1,4 +1,5 @@
-"""The batch task's reply path, against a Redis that cannot be reached."""
+"""The batch task's reply path (taskstack/worker/runner.py), against a Redis that cannot
+be reached."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from taskstack.app import create_app
 from taskstack.settings import Settings
 from taskstack.signing import Signer
 from taskstack.worker.runner import run_batch
-from tests.conftest import free_port
+from tests.support import free_port
 
 
 def test_an_undeliverable_reply_requeues_the_batch() -> None:

@@ -1,14 +1,14 @@
+"""One typed settings object (taskstack/settings.py): read from the environment, checked."""
+
+from __future__ import annotations
+
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from taskstack import names
 from taskstack.errors import SettingsError
-from taskstack.services.local import redis_config
 from taskstack.settings import Settings
-from taskstack.worker.cpus import available_cpus, cgroup_quota
-from taskstack.worker.main import worker_argv
 
 URL = "redis://:pw@redis:6379/0"
 
@@ -122,37 +122,3 @@ def test_bad_files_name_the_variable(tmp_path: Path, env: dict[str, str], messag
     with pytest.raises(SettingsError) as error:
         Settings.from_env(env)
     assert message.format(dir=tmp_path) in str(error.value)
-
-
-def test_cgroup_quota_v2(tmp_path: Path) -> None:
-    (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert cgroup_quota(tmp_path) == 1.5
-    assert available_cpus(tmp_path) <= 2
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert cgroup_quota(tmp_path) is None
-
-
-def test_cgroup_quota_v1_and_missing(tmp_path: Path) -> None:
-    assert cgroup_quota(tmp_path) is None
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000")
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
-    assert cgroup_quota(tmp_path) == 0.5
-    assert available_cpus(tmp_path) == 1
-
-
-def test_worker_argv_picks_the_pool_per_queue() -> None:
-    settings = Settings(cpu_concurrency=3, io_concurrency=12)
-    cpu = worker_argv(names.CPU_QUEUE, settings)
-    io = worker_argv(names.IO_QUEUE, settings)
-    assert {"--pool=prefork", "--concurrency=3", "--queues=cpu", "--hostname=cpu@%h"} <= set(cpu)
-    assert {"--pool=threads", "--concurrency=12", "--queues=io", "--hostname=io@%h"} <= set(io)
-    default = worker_argv(names.CPU_QUEUE, Settings())
-    assert f"--concurrency={available_cpus()}" in default
-
-
-def test_redis_config_requires_the_password(tmp_path: Path) -> None:
-    config = redis_config("s3cret", 6390, tmp_path)
-    assert 'requirepass "s3cret"' in config
-    assert "appendonly yes" in config
-    assert "maxmemory-policy noeviction" in config
