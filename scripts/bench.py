@@ -17,6 +17,7 @@ the round-trip latency of a single call. Efficiency = serial time /
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,7 +91,7 @@ def private_stack(processes: int) -> Iterator[Settings]:
                 stderr=subprocess.STDOUT,
             )
         )
-        wait(lambda: capacity(client, names.CPU_QUEUE) >= processes, "the cpu worker")
+        wait(lambda: capacity(client, names.CPU_QUEUE).processes >= processes, "the cpu worker")
         yield settings
     finally:
         for child in reversed(children):  # the worker first: it hands work back to Redis
@@ -102,13 +103,21 @@ def private_stack(processes: int) -> Iterator[Settings]:
                 log.flush()
                 tail = (tmp / "stack.log").read_text(errors="replace").splitlines()[-30:]
                 print(
-                    f"bench: {child.args[0]} ignored SIGTERM; its log ends:",
+                    f"bench: {program(child)} ignored SIGTERM; its log ends:",
                     *tail,
                     sep="\n",
                     file=sys.stderr,
                 )
         client.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def program(child: subprocess.Popen[bytes]) -> str:
+    """The program a child process runs, for messages."""
+    argv = child.args
+    if isinstance(argv, Sequence) and not isinstance(argv, str | bytes):
+        return os.fsdecode(argv[0])
+    return os.fsdecode(argv)
 
 
 @contextmanager
@@ -132,6 +141,11 @@ def wait(condition: Callable[[], Any], what: str, timeout: float = 60) -> None:
     raise SystemExit(f"bench: timed out waiting for {what}")
 
 
+def spin_each(items: list[int]) -> list[int]:
+    """The serial baseline: :func:`spin` over the items in this process."""
+    return [spin(n) for n in items]
+
+
 def timed(run: Callable[[], list[Any]], expected: list[Any], repeat: int) -> float:
     """Median wall time of ``run`` over ``repeat`` runs, each checked for correct results."""
     times = []
@@ -153,7 +167,7 @@ def map_methods(
     with (
         fork.Pool(processes) as mp_pool,
         ProcessPoolExecutor(processes, mp_context=fork) as ppe,
-        ClusterExecutor(settings) as executor,
+        ClusterExecutor(settings=settings) as executor,
         Pool(settings=settings) as pool,
     ):
         app = create_app(settings)
@@ -176,11 +190,11 @@ def _map_methods(
 ) -> dict[str, Callable[[list[int]], list[Any]]]:
 
     def loky(items: list[int]) -> list[Any]:
-        return joblib.Parallel(n_jobs=processes)(joblib.delayed(spin)(n) for n in items)
+        return list(joblib.Parallel(n_jobs=processes)(joblib.delayed(spin)(n) for n in items))
 
     def cluster_joblib(items: list[int]) -> list[Any]:
         with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=settings):
-            return joblib.Parallel(n_jobs=-1)(joblib.delayed(spin)(n) for n in items)
+            return list(joblib.Parallel(n_jobs=-1)(joblib.delayed(spin)(n) for n in items))
 
     def plain_celery(items: list[int]) -> list[Any]:
         results = [app.send_task(names.SPIN, (n,)) for n in items]
@@ -201,7 +215,7 @@ def _map_methods(
 def submit_rate(settings: Settings, count: int) -> dict[str, float]:
     """Individually submitted no-op calls resolved per second, executor vs plain Celery."""
     rates = {}
-    with ClusterExecutor(settings) as executor:
+    with ClusterExecutor(settings=settings) as executor:
         executor.submit(noop).result()
         start = time.perf_counter()
         futures = [executor.submit(noop, i) for i in range(count)]
@@ -230,7 +244,7 @@ def latency(settings: Settings, samples: int) -> dict[str, dict[str, float]]:
         return {"p50_ms": statistics.median(times), "p99_ms": q[98]}
 
     app = create_app(settings)
-    with ClusterExecutor(settings) as executor:
+    with ClusterExecutor(settings=settings) as executor:
         out = {
             "ClusterExecutor.submit": percentiles(lambda: executor.submit(noop, 1).result()),
             "plain Celery send_task": percentiles(
@@ -315,7 +329,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     processes = args.processes
     if args.use_running:
         with redis.Redis.from_url(settings.redis_url) as client:
-            processes = capacity(client, names.CPU_QUEUE)
+            processes = capacity(client, names.CPU_QUEUE).processes
     report: dict[str, Any] = {
         "setup": {
             "processes": processes,
@@ -358,13 +372,11 @@ def measure_maps(
         expected = [spin(n)] * items
         name = f"{items:,} x {seconds * 1000:g} ms"
         print(f"[{name}] serial...", file=sys.stderr)
-        serial = timed(lambda work=work: [spin(x) for x in work], expected, args.repeat)
+        serial = timed(functools.partial(spin_each, work), expected, args.repeat)
         times = {"serial": serial}
         for method, run_map in methods.items():
             print(f"[{name}] {method}...", file=sys.stderr)
-            times[method] = timed(
-                lambda run_map=run_map, work=work: run_map(work), expected, args.repeat
-            )
+            times[method] = timed(functools.partial(run_map, work), expected, args.repeat)
         report["workloads"][name] = {
             "label": label,
             "seconds": times,

@@ -54,7 +54,7 @@ def main() -> None:
     )
     serial_seconds = time.perf_counter() - started
 
-    with ClusterExecutor(settings) as executor:
+    with ClusterExecutor(settings=settings) as executor:
         processes = executor.processes
         started = time.perf_counter()
         results = list(executor.map(located, repeat(count_primes), starts, stops, progress=True))
