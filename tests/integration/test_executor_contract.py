@@ -20,7 +20,7 @@ from concurrent.futures import CancelledError, wait
 import pytest
 import redis
 
-from taskstack import ClusterExecutor, RemoteError, RemoteTraceback
+from taskstack import ClusterExecutor, ClusterFuture, RemoteError, RemoteTraceback
 from taskstack.settings import Settings
 from tests.integration import contract_work as work
 from tests.support import ROOT, Worker, settings_env, wait_for
@@ -34,7 +34,7 @@ def executor(redis_server: Settings, cpu_worker: Worker) -> Iterator[ClusterExec
         yield ex
 
 
-def _occupy(ex: ClusterExecutor, redis_server: Settings, gate: str) -> list[object]:
+def _occupy(ex: ClusterExecutor, redis_server: Settings, gate: str) -> list[ClusterFuture[str]]:
     """Keep every worker process busy until ``gate`` is pushed to."""
     from tests.integration.work import hold
 
@@ -97,7 +97,7 @@ def test_cancel_twice_and_shutdown_cancel_futures_after_cancel(
     ex.shutdown(wait=False, cancel_futures=True)
     assert all(f.cancelled() for f in waiting)
     redis_client.rpush(gate, *["go"] * len(held))
-    assert [f.result(timeout=30) for f in held] == ["released"] * len(held)  # type: ignore[attr-defined]
+    assert [f.result(timeout=30) for f in held] == ["released"] * len(held)
 
 
 def test_a_cancelled_call_sharing_a_batch_with_others_does_not_run(
@@ -108,9 +108,7 @@ def test_a_cancelled_call_sharing_a_batch_with_others_does_not_run(
         held = _occupy(ex, redis_server, gate)
         burst = [ex.submit(work.record, redis_server.redis_url, key, i) for i in range(8)]
         # Two batches of two go out (two per busy process); the rest waits unsent.
-        wait_for(
-            lambda: sum(f._batch is not None for f in burst) >= 4, 10, "the burst to be sent"
-        )
+        wait_for(lambda: sum(f._batch is not None for f in burst) >= 4, 10, "the burst to be sent")
         assert burst[0]._batch is burst[1]._batch
         cancelled = {i for i, f in enumerate(burst) if i % 2 and f.cancel()}
         assert cancelled == {1, 3, 5, 7}
@@ -128,7 +126,7 @@ def test_a_cancelled_call_sharing_a_batch_with_others_does_not_run(
 def test_an_unpicklable_argument_fails_only_its_own_call(executor: ClusterExecutor) -> None:
     futures = [
         executor.submit(abs, -1),
-        executor.submit(abs, threading.Lock()),
+        executor.submit(abs, threading.Lock()),  # type: ignore[arg-type]  # on purpose
         executor.submit(abs, -3),
     ]
     assert futures[0].result(timeout=30) == 1
@@ -170,11 +168,11 @@ def test_initializer_runs_in_each_worker_process_before_the_calls(
 def test_a_failing_initializer_fails_the_calls_with_its_error(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:
-    with ClusterExecutor(initializer=work.failing_initializer, settings=redis_server) as ex:
-        with pytest.raises(
-            RuntimeError, match="initializer .* failed .*ValueError: no setup today"
-        ):
-            ex.submit(abs, -1).result(timeout=30)
+    with (
+        ClusterExecutor(initializer=work.failing_initializer, settings=redis_server) as ex,
+        pytest.raises(RuntimeError, match=r"initializer .* failed .*ValueError: no setup today"),
+    ):
+        ex.submit(abs, -1).result(timeout=30)
     with pytest.raises(TypeError, match="initializer must be a callable"):
         ClusterExecutor(initializer=42, settings=redis_server)  # type: ignore[arg-type]
 

@@ -36,7 +36,7 @@ def test_systemexit_and_keyboardinterrupt_of_a_call_come_back_as_themselves(
     with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
         args = (3,) if raised is SystemExit else ()
         with pytest.raises(raised):
-            Parallel(n_jobs=2)(delayed(call)(*args) for _ in range(1))  # type: ignore[operator]
+            Parallel(n_jobs=2)(delayed(call)(*args) for _ in range(1))
 
 
 def test_an_aborted_parallel_stops_its_calls_on_the_workers(

@@ -70,9 +70,12 @@ def test_get_and_wait_return_after_the_callback_ran(pool: Pool) -> None:
     assert pool.apply_async(abs, (-5,), callback=slow_callback).get(timeout=30) == 5
     assert seen == [5]
     errors: list[BaseException] = []
-    failing = pool.apply_async(
-        int, ("x",), error_callback=lambda e: (time.sleep(0.3), errors.append(e))
-    )
+
+    def slow_error_callback(error: BaseException) -> None:
+        time.sleep(0.3)
+        errors.append(error)
+
+    failing = pool.apply_async(int, ("x",), error_callback=slow_error_callback)
     failing.wait(timeout=30)
     assert failing.ready() and len(errors) == 1 and isinstance(errors[0], ValueError)
 
