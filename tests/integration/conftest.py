@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from taskstack import ClusterExecutor, names
+from taskstack import ClusterExecutor, Pool, names
 from taskstack.settings import Settings
 from tests.support import Worker
 
@@ -19,3 +19,9 @@ def executor(redis_server: Settings, cpu_worker: Worker) -> Iterator[ClusterExec
 def io_executor(redis_server: Settings, io_worker: Worker) -> Iterator[ClusterExecutor]:
     with ClusterExecutor(settings=redis_server, queue=names.IO_QUEUE) as ex:
         yield ex
+
+
+@pytest.fixture
+def pool(redis_server: Settings, cpu_worker: Worker) -> Iterator[Pool]:
+    with Pool(settings=redis_server) as p:
+        yield p

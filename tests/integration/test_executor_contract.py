@@ -14,7 +14,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import CancelledError, wait
 
 import pytest
@@ -26,12 +25,6 @@ from tests.integration import contract_work as work
 from tests.support import ROOT, Worker, settings_env, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def executor(redis_server: Settings, cpu_worker: Worker) -> Iterator[ClusterExecutor]:
-    with ClusterExecutor(settings=redis_server) as ex:
-        yield ex
 
 
 def _occupy(ex: ClusterExecutor, redis_server: Settings, gate: str) -> list[ClusterFuture[str]]:

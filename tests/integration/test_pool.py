@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,12 +13,6 @@ from tests.integration import work
 from tests.support import Worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def pool(redis_server: Settings, cpu_worker: Worker) -> Iterator[Pool]:
-    with Pool(settings=redis_server) as p:
-        yield p
 
 
 def test_map_starmap_and_apply(pool: Pool) -> None:

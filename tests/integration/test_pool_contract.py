@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,12 +14,6 @@ from tests.integration import contract_work as work
 from tests.support import Worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def pool(redis_server: Settings, cpu_worker: Worker) -> Iterator[Pool]:
-    with Pool(settings=redis_server) as p:
-        yield p
 
 
 # 3. terminate() then join() returns while a call runs; its result fails, never hangs.
