@@ -24,8 +24,8 @@ DEFAULT_SECRET = "taskstack-local-secret"
 T = TypeVar("T")
 
 
-def _default_redis_url(port: int = 6379) -> str:
-    return f"redis://:{quote(DEFAULT_REDIS_PASSWORD)}@127.0.0.1:{port}/0"
+def _default_redis_url(port: int = 6379, password: str = DEFAULT_REDIS_PASSWORD) -> str:
+    return f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,13 +130,14 @@ class Settings:
             raw = _lookup(env, name)
             if raw:
                 values[field.name] = _parse(name, raw, parse)
-        if "redis_url" not in values:
-            port = _lookup(env, REDIS_PORT_VAR)
-            if port:
-                values["redis_url"] = _default_redis_url(_port(port))
         password = _lookup(env, REDIS_PASSWORD_VAR, strip=False)
-        if password:
-            values["redis_url"] = _with_password(values.get("redis_url"), password)
+        port = _lookup(env, REDIS_PORT_VAR)
+        if "redis_url" not in values:
+            values["redis_url"] = _default_redis_url(
+                _port(port) if port else 6379, password or DEFAULT_REDIS_PASSWORD
+            )
+        elif password:
+            values["redis_url"] = _with_password(values["redis_url"], password)
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
@@ -192,9 +193,9 @@ def _lookup(env: Mapping[str, str], name: str, *, strip: bool = True) -> str:
     return raw.strip() if strip else raw
 
 
-def _with_password(redis_url: str | None, password: str) -> str:
-    url = urlsplit(redis_url or _default_redis_url())
-    if redis_url and url.password:
+def _with_password(redis_url: str, password: str) -> str:
+    url = urlsplit(redis_url)
+    if url.password:
         if unquote(url.password) != password:
             raise SettingsError(
                 f"REDIS_URL has a password other than {REDIS_PASSWORD_VAR}'s: "

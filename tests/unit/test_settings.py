@@ -133,13 +133,6 @@ def test_without_redis_url_the_port_and_password_make_one() -> None:
     assert Settings.from_env({"REDIS_PASSWORD": "pw"}).redis_url == "redis://:pw@127.0.0.1:6379/0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SettingsError,
-    reason="known defect in taskstack/settings.py: REDIS_PORT builds a URL with the default "
-    "password, which REDIS_PASSWORD then conflicts with ('REDIS_URL has a password other "
-    "than REDIS_PASSWORD's'); remove this mark once it is fixed",
-)
 def test_redis_port_and_password_together_make_the_url() -> None:
     settings = Settings.from_env({"REDIS_PORT": "6390", "REDIS_PASSWORD": "pw"})
     assert settings.redis_url == "redis://:pw@127.0.0.1:6390/0"
