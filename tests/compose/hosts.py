@@ -1,11 +1,21 @@
-"""A second Docker host on this machine: its own engine in its own network namespace.
+"""Docker hosts of the tests' own: engines in network namespaces, on a private LAN.
 
-``second_host()`` creates a network namespace joined to this one by a veth
-pair (a private link, ``100.64.231.0/24``, in the shared address space that
-Docker never allocates from), and starts a second ``dockerd`` in it with its own
-data, state, socket and hostname. To Swarm it is another machine: it joins over
-the link, and the overlay network's VXLAN traffic crosses it. Needs root,
-``ip``, ``iptables``, ``nsenter`` and ``unshare``.
+``private_hosts()`` builds a LAN in a network namespace of its own (a bridge,
+``100.64.231.0/24``, in the shared address space that Docker never allocates
+from): this machine is ``.1`` on it, and host ``i`` is ``.(1 + i)``. Each host
+is a network namespace with its own ``dockerd``, data, socket and hostname, so
+that the swarm tests never run ``docker swarm`` on the engine the developer's own
+projects run on. To Swarm the hosts are separate machines: they join over the
+LAN, the overlay's VXLAN traffic crosses it, and a host cut off it is gone.
+The images they run are built by this machine's engine and loaded into theirs.
+
+Each engine also lives in PID and mount namespaces of its own, under
+``setpriv --pdeathsig``: when the test session ends, however it ends, the kernel
+ends the engine, its containers and its mounts (and its iptables rules go with
+its network namespace). The namespaces and data directories are removed
+afterwards; namespaces that a killed run left are removed first. The names are
+fixed: one test session at a time on a machine makes hosts. Needs root, ``ip``,
+``iptables``, ``nsenter``, ``unshare`` and ``setpriv``.
 """
 
 from __future__ import annotations
@@ -15,39 +25,36 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.compose.swarm import Docker
-from tests.conftest import wait_for
+from tests.compose.cli import Docker, run
+from tests.compose.conftest import docker_available
+from tests.support import require, wait_for
 
-LINK_PREFIX = "100.64.231"
+LAN = "taskstack-lan"
+"""The network namespace of the LAN's bridge."""
+HOST_PREFIX = "taskstack-host"
+"""Host ``i``'s network namespace and hostname: ``taskstack-host<i>``."""
+MACHINE_LINK = "taskstack-lan"
+"""This machine's interface on the LAN."""
+SUBNET = "100.64.231"
+MACHINE_ADDRESS = f"{SUBNET}.1"
 START_TIMEOUT = 60
-STOP_TIMEOUT = 30
-
-
-def run(*argv: str) -> str:
-    try:
-        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    except subprocess.CalledProcessError as exc:
-        exc.add_note(f"stderr:\n{exc.stderr[-3000:]}")
-        raise
-
-
-def can_host_a_second_engine() -> bool:
-    tools = ("ip", "iptables", "nsenter", "unshare", "dockerd")
-    return os.geteuid() == 0 and all(shutil.which(tool) for tool in tools)
+STOP_TIMEOUT = 60
+"""A swarm manager takes 8 s to stop, and gives a task's container 10 s; then it is killed."""
+TOOLS = ("ip", "iptables", "nsenter", "unshare", "setpriv", "dockerd")
 
 
 @dataclass(frozen=True)
 class Host:
+    """One of the tests' own Docker hosts, made by :func:`private_hosts`."""
+
     name: str
     """Its network namespace and hostname."""
     address: str
-    """Its address on the link."""
-    peer: str
-    """This machine's address on the link (where the swarm manager listens)."""
+    """Its address on the LAN."""
     docker: Docker
 
     def cut_off(self) -> None:
@@ -57,23 +64,15 @@ class Host:
         from them. The overlay's VXLAN packets leave from this namespace too.
         """
         for chain in ("INPUT", "OUTPUT"):
-            run(
-                "nsenter",
-                f"--net=/run/netns/{self.name}",
-                "iptables",
-                "-I",
-                chain,
-                "1",
-                "-j",
-                "DROP",
-            )
+            rule = (chain, "1", "--jump", "DROP")
+            run("nsenter", f"--net=/run/netns/{self.name}", "iptables", "--insert", *rule)
 
     def esp_aead_available(self) -> bool:
         """Whether the kernel has AES-GCM for IPsec, which encrypted overlays need."""
         try:
             run(
                 *("ip", "-n", self.name, "xfrm", "state", "add"),
-                *("src", self.address, "dst", self.peer, "proto", "esp", "spi", "0x7a5c"),
+                *("src", self.address, "dst", MACHINE_ADDRESS, "proto", "esp", "spi", "0x7a5c"),
                 *("mode", "transport", "aead", "rfc4106(gcm(aes))", "0x" + "11" * 20, "128"),
             )
         except subprocess.CalledProcessError:
@@ -82,69 +81,144 @@ class Host:
         return True
 
 
+def can_host_engines() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(tool) for tool in TOOLS)
+
+
+def require_private_hosts() -> None:
+    """Skip (fail in CI) where the local engine cannot build images or hosts cannot be made."""
+    require(docker_available(), "a Docker engine with Compose v2")
+    require(can_host_engines(), f"root and {', '.join(TOOLS)} (private Docker hosts)")
+
+
 @contextlib.contextmanager
-def second_host(directory: Path, name: str = "taskstack-host2") -> Iterator[Host]:
-    """A Docker engine in a network namespace of its own; removed with all it ran afterwards."""
-    link, inside = "tsh2-out", "tsh2-in"
-    peer, address = f"{LINK_PREFIX}.1", f"{LINK_PREFIX}.2"
-    socket = directory / "docker.sock"
-    host = Host(name, address, peer, Docker(f"unix://{socket}"))
-    engine: subprocess.Popen[bytes] | None = None
-    remove_link(name, link)  # left over by a run that was killed
+def private_hosts(directory: Path, count: int) -> Iterator[tuple[Host, ...]]:
+    """``count`` hosts on a private LAN with this machine; removed with all they ran afterwards."""
+    names = [f"{HOST_PREFIX}{i}" for i in range(1, count + 1)]
+    engines: list[Engine] = []
+    remove_namespaces()  # left over by a run that was killed
     try:
+        build_lan(names)
+        for i, name in enumerate(names, start=2):
+            engines.append(Engine.start(name, f"{SUBNET}.{i}", directory / name))
+        for engine in engines:
+            engine.wait_ready()
+        yield tuple(engine.host for engine in engines)
+    finally:
+        for engine in engines:
+            engine.terminate()
+        for engine in engines:
+            engine.wait_stopped()
+        remove_namespaces()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def build_lan(hosts: Sequence[str]) -> None:
+    """The LAN's namespace with its bridge, this machine and every host cabled to it."""
+    run("ip", "netns", "add", LAN)
+    run("ip", "-n", LAN, "link", "add", "br0", "type", "bridge")
+    run("ip", "-n", LAN, "link", "set", "br0", "up")
+    # Each veth pair is created with its ends in place: this machine gets one interface.
+    run("ip", "link", "add", MACHINE_LINK, "type", "veth", "peer", "name", "machine", "netns", LAN)
+    run("ip", "addr", "add", f"{MACHINE_ADDRESS}/24", "dev", MACHINE_LINK)
+    run("ip", "link", "set", MACHINE_LINK, "up")
+    run("ip", "-n", LAN, "link", "set", "machine", "master", "br0", "up")
+    for i, name in enumerate(hosts, start=2):
         run("ip", "netns", "add", name)
-        run("ip", "link", "add", link, "type", "veth", "peer", "name", inside)
-        run("ip", "link", "set", inside, "netns", name)
-        run("ip", "addr", "add", f"{peer}/24", "dev", link)
-        run("ip", "link", "set", link, "up")
-        run("ip", "-n", name, "addr", "add", f"{address}/24", "dev", inside)
-        run("ip", "-n", name, "link", "set", inside, "up")
+        run(
+            *("ip", "link", "add", "eth0", "netns", name, "type", "veth"),
+            *("peer", "name", name.removeprefix("taskstack-"), "netns", LAN),
+        )
+        run("ip", "-n", LAN, "link", "set", name.removeprefix("taskstack-"), "master", "br0", "up")
+        run("ip", "-n", name, "addr", "add", f"{SUBNET}.{i}/24", "dev", "eth0")
+        run("ip", "-n", name, "link", "set", "eth0", "up")
         run("ip", "-n", name, "link", "set", "lo", "up")
-        directory.mkdir(parents=True, exist_ok=True)
-        # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup
-        # hierarchies dockerd needs. unshare --uts gives it a hostname of its own.
+
+
+def remove_namespaces() -> None:
+    """Delete the LAN's and the hosts' namespaces, and with them every interface in them."""
+    listed = run("ip", "netns", "list").split("\n")
+    for name in (line.split(" ")[0] for line in listed):
+        if name == LAN or name.startswith(HOST_PREFIX):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                run("ip", "netns", "del", name)
+    # Gone with its peer in the LAN's namespace; this is for a namespace deleted by hand.
+    with contextlib.suppress(subprocess.CalledProcessError):
+        run("ip", "link", "del", MACHINE_LINK)
+
+
+@dataclass
+class Engine:
+    """A host's ``dockerd``, started by :meth:`start`."""
+
+    host: Host
+    process: subprocess.Popen[bytes]
+    """``unshare``, whose one child is ``dockerd``: PID 1 of the engine's PID namespace."""
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, address: str, directory: Path) -> Engine:
+        """Start the engine of host ``name``; the call must come from the main thread.
+
+        (``--pdeathsig`` fires when the thread that started the engine ends.)
+        """
+        directory.mkdir(parents=True)
+        socket = directory / "docker.sock"
+        config = directory / "daemon.json"
+        config.write_text("{}\n")  # not this machine's /etc/docker/daemon.json
+        # The storage driver is left to dockerd: overlay2 where the filesystem
+        # allows it (a 15 s image load where vfs takes 70 s), else vfs.
         dockerd = [
-            *("dockerd", "--storage-driver=vfs", f"--host=unix://{socket}"),
+            *("dockerd", f"--config-file={config}", f"--host=unix://{socket}"),
             f"--data-root={directory / 'data'}",
             f"--exec-root={directory / 'exec'}",
             f"--pidfile={directory / 'docker.pid'}",
         ]
-        with open(directory / "dockerd.log", "wb") as log:
-            engine = subprocess.Popen(
-                [
-                    *("nsenter", f"--net=/run/netns/{name}", "unshare", "--uts"),
-                    *("sh", "-c", f'hostname {name} && exec "$@"', "sh", *dockerd),
-                ],
+        argv = [
+            # The engine ends with this process (SIGKILL to unshare, which then
+            # kills its child, PID 1 of the engine's PID namespace: all of it).
+            *("setpriv", "--pdeathsig", "KILL", "--"),
+            # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup
+            # hierarchies dockerd needs. The new mount namespace takes the engine's
+            # mounts away with it; --uts gives it a hostname of its own.
+            *("nsenter", f"--net=/run/netns/{name}"),
+            *("unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"),
+            *("sh", "-c", f'hostname {name} && exec "$@"', "sh", *dockerd),
+        ]
+        log = directory / "dockerd.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                argv,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True,  # a Ctrl-C reaches pytest, which stops it in order
             )
+        return cls(Host(name, address, Docker(f"unix://{socket}")), process, log)
+
+    def wait_ready(self) -> None:
         wait_for(
-            lambda: engine.poll() is not None or host.docker("info", "--format", "{{.Name}}"),
+            lambda: self.process.poll() is not None or self.host.docker("info", timeout=10),
             START_TIMEOUT,
-            f"the engine of {name}",
+            f"the engine of {self.host.name}",
         )
-        if engine.poll() is not None:
-            log_tail = (directory / "dockerd.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"dockerd of {name} exited with {engine.returncode}:\n{log_tail}")
-        yield host
-    finally:
-        if engine is not None and engine.poll() is None:
-            # Its containers go down with it (no live-restore); it unmounts what it mounted.
-            engine.send_signal(signal.SIGTERM)
-            try:
-                engine.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(engine.pid, signal.SIGKILL)
-                engine.wait()
-        remove_link(name, link)
-        shutil.rmtree(directory, ignore_errors=True)
+        if self.process.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"dockerd of {self.host.name} exited:\n{tail}")
 
+    def terminate(self) -> None:
+        """Ask dockerd to stop (it stops its containers and unmounts what it mounted)."""
+        if self.process.poll() is not None:
+            return
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        try:
+            os.kill(int(children.read_text().split()[0]), signal.SIGTERM)
+        except (OSError, ValueError, IndexError):  # no dockerd to ask: end it all at once
+            self.process.kill()
 
-def remove_link(name: str, link: str) -> None:
-    """Delete the namespace and the veth pair, where they exist."""
-    with contextlib.suppress(subprocess.CalledProcessError):
-        run("ip", "link", "del", link)  # takes its peer inside the namespace along
-    with contextlib.suppress(subprocess.CalledProcessError):
-        run("ip", "netns", "del", name)
+    def wait_stopped(self) -> None:
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # --kill-child: the whole PID namespace goes
+            self.process.wait(STOP_TIMEOUT)

@@ -1,46 +1,39 @@
-"""stack.yaml deployed on Docker Swarm for the swarm tests: deploy, wait, inspect, remove.
+"""stack.yaml deployed on a swarm of private hosts for the swarm tests: deploy, wait, inspect.
 
-The stack's services are found through the labels Swarm puts on them
-(``com.docker.stack.namespace``, ``com.docker.swarm.service.name``). A
-:class:`Docker` names the engine a command goes to: the local one, or a second
-host's (tests/compose/hosts.py).
+The swarm is made of the hosts of tests/compose/hosts.py, the first one its
+manager: the engine the tests run on builds the images and never joins it. The
+stack's services are found through the labels Swarm puts on them
+(``com.docker.stack.namespace``, ``com.docker.swarm.service.name``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.compose.conftest import ROOT, Stack, docker, docker_available, new_stack
-from tests.conftest import require, wait_for
+from taskstack import names
+from taskstack.settings import Settings
+from tests.compose.cli import LOCAL, run
+from tests.compose.conftest import ROOT, Stack, new_stack
+from tests.compose.hosts import Host
+from tests.support import http_get, print_past_capture, wait_for
 
 SERVICES = ("redis", "worker-cpu", "worker-io", "flower")
 CONVERGE_TIMEOUT = 300
 """Tasks count once their healthcheck passes; a slow first start needs minutes."""
+SHIP_TIMEOUT = 600
+"""Loading the images into an engine: 15 s on overlay2, over a minute on vfs."""
+LOGS_TIMEOUT = 30
+"""``docker service logs`` waits for nodes that may be cut off."""
 STACK_FILES = (ROOT / "stack.yaml",)
-
-
-@dataclass(frozen=True)
-class Docker:
-    """The ``docker`` CLI aimed at one engine (``None``: the local default)."""
-
-    host: str | None = None
-
-    def __call__(self, *args: str) -> str:
-        return docker(*args) if self.host is None else docker("--host", self.host, *args)
-
-
-LOCAL = Docker()
-
-
-def swarm_state(engine: Docker = LOCAL) -> str:
-    return engine("info", "--format", "{{.Swarm.LocalNodeState}}").strip()
 
 
 @dataclass(frozen=True)
@@ -49,6 +42,11 @@ class SwarmStack:
 
     name: str
     stack: Stack
+    hosts: tuple[Host, ...]
+
+    @property
+    def manager(self) -> Host:
+        return self.hosts[0]
 
     @property
     def network(self) -> str:
@@ -58,12 +56,32 @@ class SwarmStack:
     def image(self) -> str:
         return f"taskstack:{self.stack.env['TASKSTACK_TAG']}"
 
+    @property
+    def redis_image(self) -> str:
+        return f"taskstack-redis:{self.stack.env['TASKSTACK_TAG']}"
+
+    @property
+    def client_settings(self) -> Settings:
+        """Settings of a client on this machine, through the port Redis publishes on its host."""
+        url = (
+            f"redis://:{self.stack.redis_password}@{self.manager.address}:{self.stack.redis_port}/0"
+        )
+        return dataclasses.replace(self.stack.client_settings, redis_url=url)
+
+    def flower_get(self, path: str, *, auth: bool = True) -> tuple[int, str]:
+        """GET a Flower page through the port it publishes on its host: (status, body)."""
+        return http_get(
+            f"http://{self.manager.address}:{self.stack.flower_port}{path}",
+            basic_auth=self.client_settings.flower_basic_auth if auth else None,
+            timeout=15,
+        )
+
     def service(self, service: str) -> str:
         return f"{self.name}_{service}"
 
     def replicas(self) -> dict[str, str]:
         """Running (healthy) over desired tasks per service, e.g. ``{"redis": "1/1"}``."""
-        listing = docker(
+        listing = self.manager.docker(
             *("service", "ls", "--filter", f"label=com.docker.stack.namespace={self.name}"),
             *("--format", "{{.Name}} {{.Replicas}}"),
         )
@@ -78,44 +96,46 @@ class SwarmStack:
             f"the swarm services to reach {expected}",
         )
 
-    def containers(self, service: str, engine: Docker = LOCAL) -> list[str]:
-        """Ids of a service's running containers on one engine."""
+    def containers(self, service: str, host: Host | None = None) -> list[str]:
+        """Ids of a service's running containers on one host (default: the manager)."""
         label = f"label=com.docker.swarm.service.name={self.service(service)}"
-        return engine("ps", "--quiet", "--filter", label).split()
+        return (host or self.manager).docker("ps", "--quiet", "--filter", label).split()
 
-    def hostnames(self, service: str, engine: Docker = LOCAL) -> set[str]:
+    def hostnames(self, service: str, host: Host | None = None) -> set[str]:
         """Container hostnames, the part of a Celery node name after ``<queue>@``."""
-        ids = self.containers(service, engine)
+        engine = (host or self.manager).docker
+        ids = self.containers(service, host)
         return (
             set(engine("inspect", "--format", "{{.Config.Hostname}}", *ids).split())
             if ids
             else set()
         )
 
-    def gone(self) -> bool:
-        label = f"label=com.docker.stack.namespace={self.name}"
-        leftovers = docker("ps", "--all", "--quiet", "--filter", label).split()
-        networks = docker("network", "ls", "--quiet", "--filter", label).split()
-        return not leftovers and not networks
+    def nodes(self, service: str, queue: str, host: Host | None = None) -> set[str]:
+        """Celery node names of a service's containers on one host (default: the manager)."""
+        return {names.node_name(queue, hostname) for hostname in self.hostnames(service, host)}
 
     def show_logs(self, config: pytest.Config, tail: int = 50) -> None:
         """Print the services' last log lines past pytest's capture (see conftest.show_logs)."""
-        capture = config.pluginmanager.get_plugin("capturemanager")
         for service in SERVICES:
             try:
-                logs = docker(
-                    "service", "logs", "--no-trunc", "--tail", str(tail), self.service(service)
+                logs = self.manager.docker(
+                    *("service", "logs", "--no-trunc", "--tail", str(tail), self.service(service)),
+                    timeout=LOGS_TIMEOUT,
                 )
-            except subprocess.CalledProcessError as exc:
-                logs = f"(docker service logs failed: {exc.stderr})"
-            with capture.global_and_fixture_disabled():
-                print(f"\n--- docker service logs {self.service(service)} ---\n{logs}", flush=True)
+            except subprocess.SubprocessError as exc:
+                logs = f"(docker service logs failed: {exc})"
+            print_past_capture(
+                config, f"\n--- docker service logs {self.service(service)} ---\n{logs}"
+            )
 
     def run_client(self, items: int, timeout: float = 300) -> dict[str, object]:
         """tests/compose/swarm_client.py in a container on the stack's overlay network."""
         completed = subprocess.run(
             [
-                *("docker", "run", "--rm", "--interactive", "--network", self.network),
+                *self.manager.docker.argv(
+                    "run", "--rm", "--interactive", "--network", self.network
+                ),
                 # Values come from this process's environment: they stay off the argv.
                 *("--env", "REDIS_URL=redis://redis:6379/0", "--env", "REDIS_PASSWORD"),
                 *("--env", "TASKSTACK_SECRET", self.image, "python", "-", str(items)),
@@ -135,66 +155,81 @@ class SwarmStack:
         return reply
 
 
+def ship_images(images: Sequence[str], hosts: Sequence[Host]) -> None:
+    """Copy images from this machine's engine to every host, as a registry pull would."""
+
+    def ship(host: Host) -> None:
+        with subprocess.Popen(LOCAL.argv("save", *images), stdout=subprocess.PIPE) as save:
+            assert save.stdout is not None
+            host.docker("load", stdin=save.stdout, timeout=SHIP_TIMEOUT)
+        assert save.returncode == 0, f"docker save {' '.join(images)} failed"
+
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        for shipped in [pool.submit(ship, host) for host in hosts]:
+            shipped.result()
+
+
+def form_swarm(hosts: Sequence[Host]) -> None:
+    """Make the first host a swarm manager and join the others to it as workers."""
+    manager, *workers = hosts
+    manager.docker("swarm", "init", "--advertise-addr", manager.address)
+    token = manager.docker("swarm", "join-token", "--quiet", "worker").strip()
+    for worker in workers:
+        worker.docker(
+            *("swarm", "join", "--advertise-addr", worker.address),
+            *("--token", token, f"{manager.address}:2377"),
+        )
+
+    def ready() -> bool:
+        states = manager.docker("node", "ls", "--format", "{{.Status}}").split()
+        return states == ["Ready"] * len(hosts)
+
+    wait_for(ready, 60, f"{len(hosts)} swarm nodes to be ready")
+
+
 @contextlib.contextmanager
 def deployed(
     request: pytest.FixtureRequest,
     name: str,
+    hosts: Sequence[Host],
     secrets_dir: Path,
     *,
     files: Sequence[Path] = STACK_FILES,
     cpu_workers: int = 1,
-    before_deploy: Callable[[str], None] | None = None,
     **settings: str,
 ) -> Iterator[SwarmStack]:
-    """Build the images, write the secrets, deploy ``files`` as stack ``name``; remove it after.
+    """Build the images here, ship them to ``hosts``, make them a swarm, deploy ``files`` on it.
 
-    ``before_deploy`` gets the Python image's name once it is built. Yields once
-    every service is healthy with ``cpu_workers`` cpu replicas.
+    Yields once every service is healthy with ``cpu_workers`` cpu replicas. The
+    stack goes with the hosts (tests/compose/hosts.py), so is not removed here.
     """
-    require(docker_available(), "a Docker engine with Compose v2")
-    deployment = SwarmStack(name, new_stack(name, **settings))
+    deployment = SwarmStack(name, new_stack(name, **settings), tuple(hosts))
     env = {
         **deployment.stack.env,
         "TASKSTACK_IMAGE": deployment.image,
-        "TASKSTACK_REDIS_IMAGE": f"taskstack-redis:{deployment.stack.env['TASKSTACK_TAG']}",
+        "TASKSTACK_REDIS_IMAGE": deployment.redis_image,
         "TASKSTACK_SECRETS_DIR": str(secrets_dir),
     }
     failed_before = request.session.testsfailed
+    deployment.stack.compose("build")  # the images stack.yaml runs, as the README builds them
+    ship_images([deployment.image, deployment.redis_image], hosts)
+    form_swarm(hosts)
+    # The secrets are the stack's passwords, taken from the environment.
+    run(str(ROOT / "scripts" / "swarm-secrets"), env=env)
+    compose_files = [arg for path in files for arg in ("--compose-file", str(path))]
+    deployment.manager.docker(
+        *("stack", "deploy", "--resolve-image", "never", *compose_files, name), env=env
+    )
     try:
-        deployment.stack.compose("build")  # the images stack.yaml runs, as the README builds them
-        if before_deploy is not None:
-            before_deploy(deployment.image)
-        # The secrets are the stack's passwords, taken from the environment.
-        subprocess.run(
-            [ROOT / "scripts" / "swarm-secrets"], env=env, check=True, capture_output=True
-        )
-        compose_files = [arg for path in files for arg in ("--compose-file", str(path))]
-        subprocess.run(
-            ["docker", "stack", "deploy", "--resolve-image", "never", *compose_files, name],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        try:
-            deployment.wait_converged(dict.fromkeys(SERVICES, 1))
-            if cpu_workers != 1:
-                docker(
-                    "service",
-                    "scale",
-                    "--detach",
-                    f"{deployment.service('worker-cpu')}={cpu_workers}",
-                )
-                deployment.wait_converged({**dict.fromkeys(SERVICES, 1), "worker-cpu": cpu_workers})
-        except BaseException:
-            deployment.show_logs(request.config)
-            raise
-        yield deployment
-        if request.session.testsfailed > failed_before:
-            deployment.show_logs(request.config)
-    finally:
-        docker("stack", "rm", name)
-        wait_for(deployment.gone, 120, f"the {name} stack's containers and network to go")
-        label = f"label=com.docker.stack.namespace={name}"
-        volumes = docker("volume", "ls", "--quiet", "--filter", label).split()
-        if volumes:
-            docker("volume", "rm", *volumes)
+        deployment.wait_converged(dict.fromkeys(SERVICES, 1))
+        if cpu_workers != 1:
+            deployment.manager.docker(
+                "service", "scale", "--detach", f"{deployment.service('worker-cpu')}={cpu_workers}"
+            )
+            deployment.wait_converged({**dict.fromkeys(SERVICES, 1), "worker-cpu": cpu_workers})
+    except BaseException:
+        deployment.show_logs(request.config)
+        raise
+    yield deployment
+    if request.session.testsfailed > failed_before:
+        deployment.show_logs(request.config)

@@ -1,11 +1,12 @@
-"""stack.yaml across two Docker hosts: this machine's engine, and a second one in its own
-network namespace (tests/compose/hosts.py) that joins the swarm over a private link.
+"""stack.yaml across two Docker hosts of the test's own (tests/compose/hosts.py): two
+engines in network namespaces on a private LAN, the first one the swarm's manager.
 
-A cpu worker runs on each host. Tasks sent by a client on the first host run on
-the second one too, its worker reaching Redis across the overlay network; when
-the second host drops off the network mid-work, the tasks it held are
-redelivered to the first host's worker and Swarm starts a replacement worker
-there. Nothing is lost.
+A cpu worker runs on each host. Tasks sent by a client on this machine run on
+the second host too, its worker reaching Redis (on the first) across the
+overlay network; when the second host drops off the network mid-work, the
+tasks it held are redelivered to the first host's worker and Swarm starts a
+replacement worker there. Nothing is lost. The engine the tests run on builds
+the images and never joins the swarm.
 
 Encrypted overlays need the kernel's AES-GCM for IPsec; where it is missing the
 stack is deployed with its network's ``encrypted`` option removed, and only that.
@@ -13,7 +14,6 @@ stack is deployed with its network's ``encrypted`` option removed, and only that
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +27,10 @@ from celery.result import AsyncResult
 from tasks import compute
 from taskstack import names
 from taskstack.app import create_app
-from tests.compose.conftest import ROOT, Row, docker, docker_available, redelivery_deadline
-from tests.compose.hosts import Host, can_host_a_second_engine, second_host
-from tests.compose.swarm import LOCAL, SwarmStack, deployed, swarm_state
-from tests.conftest import require, wait_for
+from tests.compose.conftest import ROOT, Row, redelivery_deadline
+from tests.compose.hosts import Host, private_hosts, require_private_hosts
+from tests.compose.swarm import SwarmStack, deployed
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.compose, pytest.mark.swarm, pytest.mark.timeout(900)]
 
@@ -55,20 +55,21 @@ CUT_ITEMS = 400
 class TwoHosts:
     deployment: SwarmStack
     second: Host
+    """The worker node; the first host, the manager, runs Redis and Flower."""
     encrypted: bool
     client: Celery
 
     def cpu_nodes(self, host: Host | None = None) -> set[str]:
-        """Celery nodes of the cpu workers on ``host`` (default: this machine)."""
-        engine = host.docker if host else LOCAL
-        hostnames = self.deployment.hostnames("worker-cpu", engine)
-        return {f"{names.CPU_QUEUE}@{hostname}" for hostname in hostnames}
+        """Celery nodes of the cpu workers on ``host`` (default: the first host)."""
+        return self.deployment.nodes("worker-cpu", names.CPU_QUEUE, host)
 
     def started_at(self, nodes: set[str]) -> datetime:
-        """When the first of these cpu workers' containers (on this machine) started."""
+        """When the first of these cpu workers' containers (on the first host) started."""
         hostnames = {node.partition("@")[2] for node in nodes}
         ids = self.deployment.containers("worker-cpu")
-        listing = docker("inspect", "--format", "{{.Config.Hostname}} {{.State.StartedAt}}", *ids)
+        listing = self.deployment.manager.docker(
+            "inspect", "--format", "{{.Config.Hostname}} {{.State.StartedAt}}", *ids
+        )
         started = [line.split() for line in listing.splitlines() if line.strip()]
         # RFC 3339 with nanoseconds: keep the microseconds datetime can hold.
         return min(
@@ -90,51 +91,27 @@ def stack_files(host: Host, directory: Path) -> tuple[tuple[Path, ...], bool]:
     return (plain, expose), False
 
 
-def ship_image(image: str, host: Host) -> None:
-    """Copy an image to the second engine, as a registry pull would."""
-    assert host.docker.host is not None
-    with subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE) as save:
-        subprocess.run(
-            ["docker", "--host", host.docker.host, "load"],
-            stdin=save.stdout,
-            check=True,
-            capture_output=True,
-        )
-    assert save.returncode == 0
-
-
 @pytest.fixture(scope="module")
 def hosts(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TwoHosts]:
-    require(docker_available(), "a Docker engine with Compose v2")
-    require(can_host_a_second_engine(), "root, ip, iptables, nsenter and unshare (a second engine)")
-    require(swarm_state() != "active", "an engine in no swarm (the test makes its own)")
-    with second_host(tmp_path_factory.mktemp("host2")) as second:
-        docker("swarm", "init", "--advertise-addr", second.peer)
-        try:
-            token = docker("swarm", "join-token", "--quiet", "worker").strip()
-            second.docker(
-                *("swarm", "join", "--advertise-addr", second.address),
-                *("--token", token, f"{second.peer}:2377"),
-            )
-            files, encrypted = stack_files(second, tmp_path_factory.mktemp("stack"))
-            with deployed(
-                request,
-                "taskstack-hosts",
-                tmp_path_factory.mktemp("secrets") / "secrets",
-                files=files,
-                cpu_workers=2,
-                before_deploy=lambda image: ship_image(image, second),
-                **SETTINGS,
-            ) as deployment:
-                client = create_app(deployment.stack.client_settings)
-                try:
-                    yield TwoHosts(deployment, second, encrypted, client)
-                finally:
-                    client.close()
-        finally:
-            docker("swarm", "leave", "--force")
+    require_private_hosts()
+    with private_hosts(tmp_path_factory.mktemp("hosts"), 2) as (first, second):
+        files, encrypted = stack_files(second, tmp_path_factory.mktemp("stack"))
+        with deployed(
+            request,
+            "taskstack-hosts",
+            (first, second),
+            tmp_path_factory.mktemp("secrets") / "secrets",
+            files=files,
+            cpu_workers=2,
+            **SETTINGS,
+        ) as deployment:
+            client = create_app(deployment.client_settings)
+            try:
+                yield TwoHosts(deployment, second, encrypted, client)
+            finally:
+                client.close()
 
 
 def send_ranges(
@@ -193,7 +170,7 @@ def test_a_host_cut_off_mid_work_loses_nothing_and_its_worker_is_replaced(
     replacement = wait_for(
         lambda: hosts.cpu_nodes() - local_before,
         REPLACEMENT_SECONDS,
-        "Swarm to start a replacement cpu worker on this host",
+        "Swarm to start a replacement cpu worker on the first host",
     )
     replaced = (hosts.started_at(replacement) - cut_at).total_seconds()
 
