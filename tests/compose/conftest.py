@@ -221,3 +221,11 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     stack = new_stack()
     with running(request, stack):
         yield stack
+
+
+# -- the engine as the tier found it (tests/compose/engine_guard.py): a bystander project
+# is up before the first compose test and checked by the last, test_engine_guard.py.
+from tests.compose.engine_guard import (  # noqa: E402
+    pytest_collection_modifyitems as pytest_collection_modifyitems,
+)
+from tests.compose.engine_guard import untouched_engine as untouched_engine  # noqa: E402
