@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate the reliability report: faults on the real compose stack.
 
-    .venv/bin/python scripts/reliability.py              # every scenario (about 10 minutes)
+    .venv/bin/python scripts/reliability.py              # every scenario (about 8 minutes)
     .venv/bin/python scripts/reliability.py -k kill      # some of them; other rows are kept
 
 Runs ``pytest -m faults`` on tests/compose/faults/ (a module per scenario) and

@@ -2,8 +2,8 @@
 
 Workers import this package at start (the ``TASK_MODULES`` setting, ``tasks``
 by default), and it imports every module in this folder: add ``tasks/mine.py``
-with ``@shared_task(name="myteam.resize")`` functions, rebuild the image
-(``docker compose up --build``), and the workers serve them. Keep the logic in
+with ``@shared_task(name="myteam.resize")`` functions, and
+``docker compose up --wait`` rebuilds the image: the workers serve them. Keep the logic in
 plain functions and the tasks thin, as :mod:`tasks.stack` does over
 :mod:`tasks.compute` and :mod:`tasks.iowork`.
 

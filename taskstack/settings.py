@@ -61,7 +61,9 @@ class Settings:
     secret: str = DEFAULT_SECRET
     """Shared secret that signs every pickled payload (HMAC-SHA256)."""
     flower_user: str = "admin"
+    """Flower's basic-auth user."""
     flower_password: str = DEFAULT_FLOWER_PASSWORD
+    """Flower's basic-auth password (every page but ``/healthcheck`` asks for it)."""
     bind_address: str = "127.0.0.1"
     """Host address the published ports bind to."""
     task_modules: tuple[str, ...] = ("tasks",)

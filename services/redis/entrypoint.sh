@@ -14,14 +14,14 @@ if [ -n "${REDIS_PASSWORD_FILE:-}" ]; then
     echo "taskstack-redis: REDIS_PASSWORD_FILE=$REDIS_PASSWORD_FILE cannot be read" >&2
     exit 1
   fi
-  # $(...) drops the file's final newlines, as tasks.settings does.
+  # $(...) drops the file's final newlines, as taskstack.settings does.
   REDIS_PASSWORD=$(cat "$REDIS_PASSWORD_FILE")
 fi
 if [ -z "${REDIS_PASSWORD:-}" ]; then
   echo "taskstack-redis: REDIS_PASSWORD is empty; refusing to start a Redis without a password" >&2
   exit 1
 fi
-# Same rule as tasks.settings.Settings.check_exposure: the public default
+# Same rule as taskstack.settings.Settings.check_exposure: the public default
 # password is only acceptable while the published port stays on loopback.
 case "${BIND_ADDRESS:-127.0.0.1}" in
   127.* | ::1) ;;

@@ -1,4 +1,4 @@
-"""stack.yaml on Docker Swarm, deployed as the README says: secrets, overlay, three cpu replicas.
+"""stack.yaml on Docker Swarm, deployed as docs/deployment.md says: secrets, overlay, three cpu replicas.
 
 A one-node swarm of the test's own: a private host (tests/compose/hosts.py), its
 engine in network, PID and mount namespaces of its own, into which the images

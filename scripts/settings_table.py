@@ -5,8 +5,8 @@ Each row is a field of ``Settings``: its variable (``ENV_VARS``), its default,
 the docstring under the field, and whether compose.yaml and stack.yaml pass
 the variable to the services.
 
-    .venv/bin/python docs/settings_table.py            # rewrite the table in place
-    .venv/bin/python docs/settings_table.py --check    # exit 1 if it is out of date
+    .venv/bin/python scripts/settings_table.py            # rewrite the table in place
+    .venv/bin/python scripts/settings_table.py --check    # exit 1 if it is out of date
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configuration.md"
 BEGIN, END = "<!-- settings table: begin -->", "<!-- settings table: end -->"
-UNDOCUMENTED = {
-    "flower_user": "Flower's basic-auth user.",
-    "flower_password": "Flower's basic-auth password.",
-}
-"""Fields that have no docstring in taskstack/settings.py (yet)."""
 
 sys.path.insert(0, str(ROOT))
 from taskstack.settings import ENV_VARS, Settings  # noqa: E402
@@ -69,7 +64,7 @@ def table() -> str:
         default = defaults[field]
         shown = ",".join(default) if isinstance(default, tuple) else default
         cell = "unset" if shown is None else f"`{shown}`"
-        meaning = docs.get(field) or UNDOCUMENTED.get(field, "**no docstring**")
+        meaning = docs.get(field, "**no docstring**")
         rows.append(f"| `{name}` | {cell} | {meaning} | {passed_by(name)} |")
     return "\n".join(rows)
 
