@@ -142,6 +142,17 @@ class Settings:
             values["redis_url"] = _with_password(values["redis_url"], password)
         return cls(**values)
 
+    @classmethod
+    def for_service(cls, prog: str) -> Settings:
+        """Settings of a service entrypoint: from the environment, safe to expose, or exit
+        naming the problem (``prog: REDIS_URL has no password...``)."""
+        try:
+            settings = cls.from_env()
+            settings.check_exposure()
+        except SettingsError as exc:
+            raise SystemExit(f"{prog}: {exc}") from None
+        return settings
+
     def to_env(self) -> dict[str, str]:
         """The environment variables from which :meth:`from_env` rebuilds these settings."""
         env: dict[str, str] = {}

@@ -48,6 +48,7 @@ class Sender:
                     if not d._pending:
                         return
                     head = d._pending[0]
+                d._refresh_capacity()  # workers scaled up mid-map take their share
                 if isinstance(head, MapJob):  # only this thread reads a map's input
                     head.read_ahead(head.chunksize or LOOKAHEAD_PER_PROCESS * d.processes)
                 with d._cv:

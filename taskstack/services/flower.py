@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
 from taskstack.app import create_app
-from taskstack.errors import SettingsError
 from taskstack.settings import Settings
 
 
@@ -43,11 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--db", help="file that keeps Flower's state across restarts")
     args, extra = parser.parse_known_args(argv)
-    try:
-        settings = Settings.from_env()
-        settings.check_exposure()
-    except SettingsError as exc:
-        sys.exit(f"taskstack-flower: {exc}")
+    settings = Settings.for_service("taskstack-flower")
     os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
     require_auth_for_metrics()
     app = create_app(settings)

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from taskstack import names
-from taskstack.errors import SettingsError
 from taskstack.settings import Settings
 from taskstack.worker.shutdown import STOP_GRACE_PERIOD_SECONDS
 
@@ -79,13 +78,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--flower-port", type=int, default=int(os.environ.get("FLOWER_PORT", 5555)))
     parser.add_argument("--state-dir", type=Path, default=STATE_DIR)
     args = parser.parse_args(argv)
+    settings = Settings.for_service("taskstack-local")
     redis_argv: list[str] | None = None
     try:
-        settings = Settings.from_env()
-        settings.check_exposure()
         if not os.environ.get("REDIS_URL"):
             redis_argv = redis_command(write_redis_config(settings, args.state_dir / "redis"))
-    except (SettingsError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:
         sys.exit(f"taskstack-local: {exc}")
     # Redis runs outside honcho, in a session of its own (Ctrl-C in the terminal
     # does not reach it), and stops only once honcho has stopped the rest.

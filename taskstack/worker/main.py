@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 from taskstack import names, worker
 from taskstack.app import create_app
-from taskstack.errors import SettingsError
 from taskstack.settings import Settings
 from taskstack.worker import shutdown
 from taskstack.worker.cpus import available_cpus
@@ -61,11 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--ping", action="store_true", help="exit 0 if this host's worker answers, else 1"
     )
     args, extra = parser.parse_known_args(argv)
-    try:
-        settings = Settings.from_env()
-        settings.check_exposure()
-    except SettingsError as exc:
-        sys.exit(f"taskstack-worker: {exc}")
+    settings = Settings.for_service("taskstack-worker")
     if args.ping:
         hostname = socket.gethostname() if args.hostname == "%h" else args.hostname
         sys.exit(0 if ping(args.queue, hostname, settings) else 1)
