@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import time
 import uuid
@@ -73,8 +74,14 @@ class MapJob:
         self.events.put((END, []))
 
     def take(self, size: int) -> list[tuple[Any, ...]]:
-        """The next ``size`` items (fewer at the end of the input), as sent."""
+        """The next ``size`` items (fewer at the end of the input), as sent.
+
+        A sized input is a list read before the map started (``Executor.map``'s
+        semantics), so its batches are cut straight from it, however large.
+        """
         taken = [self.ahead.popleft() for _ in range(min(size, len(self.ahead)))]
+        if self.total is not None and len(taken) < size and not self.ahead:
+            taken.extend(itertools.islice(self.source, size - len(taken)))
         self.sent += len(taken)
         return taken
 

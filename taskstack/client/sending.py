@@ -49,7 +49,8 @@ class Sender:
                         return
                     head = d._pending[0]
                 d._refresh_capacity()  # workers scaled up mid-map take their share
-                if isinstance(head, MapJob):  # only this thread reads a map's input
+                if isinstance(head, MapJob) and head.total is None:
+                    # A lazy input is user code: read outside the lock, and only by this thread.
                     head.read_ahead(head.chunksize or LOOKAHEAD_PER_PROCESS * d.processes)
                 with d._cv:
                     if not d._pending:
