@@ -87,6 +87,8 @@ class Sender:
             "notify_start": bool(batch.calls),
             "stop_keys": stop_keys,
         }
+        # What Flower shows for the batch: what it runs, never the (signed) pickle.
+        described = describe(batch, calls, d.id)
         deadline = time.monotonic() + d.retry_seconds
         while True:
             try:
@@ -97,6 +99,8 @@ class Sender:
                     queue=d.queue,
                     producer=producer,
                     retry=False,
+                    argsrepr="()",
+                    kwargsrepr=described,
                 )
                 return
             except Exception as exc:  # kombu's OperationalError, redis-py's errors
@@ -108,3 +112,32 @@ class Sender:
                     if batch.id not in d._inflight:  # dropped meanwhile (abort, cancel)
                         return
                 time.sleep(RETRY_BACKOFF_SECONDS)  # back off before the next attempt
+
+
+def describe(batch: InFlight, calls: names.Batch, client: str) -> str:
+    """A batch in one line for Flower's task list: its function(s), items, map and client.
+
+    A joblib batch (``BatchedCalls``) counts and names the calls inside it.
+    """
+    targets = [batch.job.fn] if batch.job is not None else [fn for fn, _, _ in calls]
+    items = len(calls)
+    inner = [getattr(fn, "items", None) for fn in targets if type(fn).__name__ == "BatchedCalls"]
+    if inner and len(inner) == len(targets):
+        targets = [func for group in inner for func, _, _ in group or ()]
+        items = len(targets)
+    functions = sorted({_name(fn) for fn in targets})
+    shown = ", ".join(functions[:3]) + (
+        f" and {len(functions) - 3} more" if len(functions) > 3 else ""
+    )
+    parts = [f"fn={shown}", f"items={items}"]
+    if batch.job is not None:
+        parts.append(f"map={batch.job.id[:12]} from item {batch.first}")
+    parts.append(f"client={client[:12]}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _name(fn: object) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{qualname}"

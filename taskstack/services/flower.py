@@ -13,9 +13,17 @@ from collections.abc import Sequence
 from taskstack.app import create_app
 from taskstack.settings import Settings
 
+PURGE_OFFLINE_WORKERS_SECONDS = 600
+"""Workers offline this long leave Flower's list (replaced containers, scaled-down replicas)."""
+
 
 def flower_argv(port: int, address: str, db: str | None) -> list[str]:
-    argv = ["flower", f"--port={port}", f"--address={address}"]
+    argv = [
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        f"--purge_offline_workers={PURGE_OFFLINE_WORKERS_SECONDS}",
+    ]
     if db:
         argv += ["--persistent=True", f"--db={db}", "--state_save_interval=10000"]
     return argv

@@ -4,11 +4,14 @@ tasks, and answers nobody without the password but its healthcheck."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from celery import Celery
 
-from taskstack import names
+from taskstack import ClusterExecutor, names
+from taskstack.settings import Settings
+from tests.integration.work import square
 from tests.support import Flower, Worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -66,3 +69,26 @@ def test_flower_serves_metrics_with_auth(flower: Flower, cpu_worker: Worker) -> 
     status, metrics = flower.get("/metrics")
     assert status == 200
     assert "flower_events_total" in metrics
+
+
+def test_flower_names_the_work_of_an_executor_batch(
+    flower: Flower, executor: ClusterExecutor, redis_server: Settings
+) -> None:
+    assert list(executor.map(square, range(30))) == [x * x for x in range(30)]
+
+    def batches() -> list[dict[str, object]] | None:
+        tasks = get_json(flower, f"/api/tasks?taskname={names.RUN_BATCH}")
+        assert isinstance(tasks, dict)
+        ours = [t for t in tasks.values() if "tests.integration.work.square" in str(t["kwargs"])]
+        return ours if sum(_items(t) for t in ours) == 30 else None
+
+    shown = wait_for(batches, 30, "Flower to list the map's batches with their items")
+    for task in shown:
+        kwargs = str(task["kwargs"])
+        assert "map=" in kwargs and "client=" in kwargs
+        assert "payload" not in kwargs and redis_server.secret not in kwargs
+
+
+def _items(task: dict[str, object]) -> int:
+    found = re.search(r"items=(\d+)", str(task["kwargs"]))
+    return int(found[1]) if found else 0
