@@ -63,6 +63,7 @@ class Sender:
                     batch, calls = carved
                     d._inflight[batch.id] = batch
                 self.send(producer, batch, calls)
+                del head, carved, batch, calls  # the inputs are sent: keep none alive here
 
     def send(self, producer: Any, batch: InFlight, calls: names.Batch) -> None:
         d = self.dispatcher

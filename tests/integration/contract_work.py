@@ -76,3 +76,14 @@ def failing_initializer() -> None:
 def numbers_then_error(n: int) -> Iterator[int]:
     yield from range(n)
     raise ValueError("the input broke")
+
+
+class Box:
+    """An input whose lifetime the tests watch (importable: it travels by reference)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def unbox(box: Box) -> int:
+    return box.value

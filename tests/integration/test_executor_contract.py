@@ -19,7 +19,14 @@ from concurrent.futures import CancelledError, wait
 import pytest
 import redis
 
-from taskstack import ClusterExecutor, ClusterFuture, RemoteError, RemoteTraceback
+from taskstack import (
+    ClusterExecutor,
+    ClusterFuture,
+    RemoteError,
+    RemoteTraceback,
+    VersionMismatch,
+    names,
+)
 from taskstack.settings import Settings
 from tests.integration import contract_work as work
 from tests.support import ROOT, Worker, settings_env, wait_for
@@ -260,3 +267,18 @@ def test_ctrl_c_stops_the_map_promptly(
     assert started <= 2 * 2  # the calls running at the Ctrl-C, and none queued behind them
     time.sleep(2)  # a window in which a batch that kept running would start its next call
     assert redis_client.llen(key) == started
+
+
+# 12. Code pickled by value never reaches workers of another Python minor version.
+def test_code_by_value_is_refused_when_a_worker_runs_another_python(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
+) -> None:
+    beacon, node = names.CAPACITY_KEY_PREFIX + names.CPU_QUEUE, "cpu@another-python"
+    redis_client.hset(beacon, node, f"1 {time.time() + 60} 3.99 3.1.1")
+    try:
+        with ClusterExecutor(settings=redis_server) as ex:
+            with pytest.raises(VersionMismatch, match=r"workers run 3\.99"):
+                ex.submit(lambda x: x, 1).result(timeout=30)
+            assert ex.submit(abs, -1).result(timeout=30) == 1  # by reference: fine
+    finally:
+        redis_client.hdel(beacon, node)

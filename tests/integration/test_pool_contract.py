@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import time
+import weakref
+from collections.abc import Iterator
 
 import pytest
 
@@ -83,3 +86,18 @@ def test_the_standard_signature(redis_server: Settings, cpu_worker: Worker) -> N
     assert len({pid for _, pid in outcomes}) == 1
     with pytest.raises(ValueError, match="maxtasksperchild"):
         Pool(maxtasksperchild=0, settings=redis_server)
+
+
+def test_inputs_and_results_are_not_kept_alive_once_consumed(pool: Pool) -> None:
+    watched: list[weakref.ref[work.Box]] = []
+
+    def boxes() -> Iterator[work.Box]:
+        for i in range(300):
+            box = work.Box(i)
+            watched.append(weakref.ref(box))
+            yield box
+
+    assert sum(pool.imap(work.unbox, boxes())) == sum(range(300))
+    gc.collect()
+    assert len(watched) == 300
+    assert [ref for ref in watched if ref() is not None] == []
