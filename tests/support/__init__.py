@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import pytest
+from celery import Celery
 
 from taskstack.settings import ENV_VARS, Settings
 
@@ -218,3 +219,23 @@ def print_past_capture(config: pytest.Config, text: str) -> None:
         return
     with capture.global_and_fixture_disabled():
         print(text, flush=True)
+
+
+def wait_until_idle(app: Celery, worker: Worker, queue: str, timeout: float = 30) -> None:
+    """Wait until ``queue`` is empty and ``worker`` neither runs nor holds a task.
+
+    What a test checks afterwards can no longer change by itself: nothing is
+    left that could start another call.
+    """
+
+    def idle() -> bool:
+        with app.connection_for_read() as conn:
+            waiting = conn.default_channel.client.llen(queue)
+        inspect = app.control.inspect(destination=[worker.node], timeout=1)
+        held = [
+            *(inspect.active() or {}).get(worker.node, [None]),
+            *(inspect.reserved() or {}).get(worker.node, [None]),
+        ]
+        return waiting == 0 and not held
+
+    wait_for(idle, timeout, f"{worker.node} to be idle with {queue} empty", interval=0.2)
