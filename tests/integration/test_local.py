@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -71,8 +72,10 @@ def test_ctrl_c_stops_the_workers_before_redis(tmp_path: Path) -> None:
     finally:
         app.close()
         client.close()
-        if local.poll() is None:
-            local.kill()
+        if local.poll() is None:  # the test failed first: leave nothing of the stack behind
+            for pid in [*_descendants(local.pid), local.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             local.wait()
 
 
