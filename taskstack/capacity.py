@@ -87,7 +87,8 @@ def python_version() -> str:
     return ".".join(platform.python_version_tuple()[:2])
 
 
-VERSIONS: Final = f"{python_version()} {cloudpickle.__version__}"
+PYTHON: Final = python_version()
+VERSIONS: Final = f"{PYTHON} {cloudpickle.__version__}"
 
 
 @dataclass(frozen=True)

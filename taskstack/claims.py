@@ -26,7 +26,6 @@ TTL_SECONDS: Final = 24 * 3600
 """Claims and stop keys outlive any batch, and expire with the reply lists."""
 
 WHOLE_BATCH: Final = "all"
-STARTED: Final = "started"
 
 _START = """
 if redis.call('hexists', KEYS[1], 'all') == 1 then return {'all'} end

@@ -73,7 +73,7 @@ class Sender:
                 calls,
                 d.setup,
                 max_bytes=d.max_payload_bytes,
-                local_python=capacity.python_version(),
+                local_python=capacity.PYTHON,
                 worker_pythons=d._capacity.pythons,
             )
         except Exception as exc:  # PayloadTooLarge, VersionMismatch, an unpicklable setup
