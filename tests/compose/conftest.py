@@ -27,6 +27,10 @@ from tests.compose.faults.report import Row as Row
 from tests.support import ROOT as ROOT
 from tests.support import free_port, http_get, print_past_capture, require, run
 
+RUN = os.environ.get("TASKSTACK_TEST_RUN", "")
+"""Set to tell concurrent test runs on one engine (two checkouts) apart: it
+suffixes the projects and image tags of this run."""
+
 PROJECT = "taskstack-test"
 """Its own project name: the containers, network and volumes of a stack the
 developer runs from the same checkout are left alone."""
@@ -101,7 +105,7 @@ class Stack:
             TASKSTACK_SECRET=self.secret,
             BIND_ADDRESS="127.0.0.1",
             # Its own image tags: a test run leaves the developer's taskstack:local alone.
-            TASKSTACK_TAG="test",
+            TASKSTACK_TAG=f"test-{RUN}" if RUN else "test",
         )
         return env
 
@@ -168,7 +172,7 @@ def new_stack(project: str = PROJECT, **settings: str) -> Stack:
         redis_password=secrets.token_urlsafe(16),
         flower_password=secrets.token_urlsafe(12),
         secret=secrets.token_urlsafe(32),
-        project=project,
+        project=f"{project}-{RUN}" if RUN else project,
         settings=settings,
     )
 
