@@ -8,6 +8,8 @@ Celery's ``imports`` setting, so a client never loads worker code.
 
 from __future__ import annotations
 
+import math
+
 from celery import Celery
 from kombu import Queue
 
@@ -19,12 +21,22 @@ from taskstack.settings import Settings
 def create_app(settings: Settings) -> Celery:
     """Build the stack's Celery app from ``settings``."""
     app = Celery("taskstack", broker=settings.redis_url, backend=settings.redis_url)
+    # Redis has no real acks: kombu keeps each delivered, unacknowledged message in
+    # its `unacked` hash, scored in `unacked_index` by when it was claimed, and puts
+    # back in its queue whatever was claimed longer ago than the visibility timeout.
+    # Here that timeout is a short lease which live workers renew
+    # (taskstack.worker.leases), so only a lost worker's work goes back, and soon.
     transport_options: dict[str, object] = {
-        "visibility_timeout": settings.visibility_timeout,
+        "visibility_timeout": settings.lease_seconds,
         **REDIS_CONNECTION,
-        # Look for expired unacked messages every 10 s (kombu scans only every
-        # 10th sweep by default): lost work comes back VT + 10 s after, not VT + 100 s.
+        # Every consumer sweeps every `lease_sweep_seconds` (kombu's default: a scan
+        # every 100 s), restores all expired claims at once (default: 10 per sweep),
+        # and a sweeper that died mid-sweep blocks the others for one lease at most
+        # (default: 5 minutes).
+        "unacked_restore_interval": settings.lease_sweep_seconds,
         "unacked_restore_throttle": 1,
+        "unacked_restore_limit": None,
+        "unacked_mutex_expire": math.ceil(settings.lease_seconds),
     }
     app.conf.update(
         task_queues=[Queue(name) for name in c.QUEUES],
@@ -49,12 +61,7 @@ def create_app(settings: Settings) -> Celery:
         # CPU tasks are long and uneven: a process reserves one message at a time so
         # that idle processes elsewhere can take the rest.
         worker_prefetch_multiplier=1,
-        # Redis has no real acks: an unacked message becomes visible again after this
-        # timeout. Broker, result backend and app must agree, and it must exceed the
-        # hard time limit (enforced by Settings).
         broker_transport_options=transport_options,
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
-        visibility_timeout=settings.visibility_timeout,
         # The result backend's connections notice a vanished broker like kombu's do
         # (it already retries storing a result for about 20 s).
         redis_socket_timeout=REDIS_CONNECTION["socket_timeout"],

@@ -9,6 +9,11 @@ or one call (``c<index>``) only while that field is absent, each side in one
 Lua script, so exactly one of them wins. A worker skips the calls a client
 cancelled in time, and skips a batch cancelled as a whole without running it.
 
+The same hash records how far a batch got: its ``done`` field counts the calls
+whose outcomes were sent, and only grows (:data:`PROGRESS_SCRIPT` pushes a reply
+and moves it, in one step). A batch redelivered after its worker died starts
+at ``done``.
+
 Running batches also watch *stop keys* (:data:`~taskstack.names.STOP_KEY_PREFIX`):
 a client that stops a map (Ctrl-C, a timeout, a closed iterator) or
 terminates sets one, and the batch returns after the call it is running.
@@ -31,8 +36,20 @@ _START = """
 if redis.call('hexists', KEYS[1], 'all') == 1 then return {'all'} end
 redis.call('hset', KEYS[1], 'started', '1')
 redis.call('expire', KEYS[1], ARGV[1])
-return redis.call('hkeys', KEYS[1])
+return redis.call('hgetall', KEYS[1])
 """
+
+PROGRESS_SCRIPT: Final = """
+local done = tonumber(redis.call('hget', KEYS[2], 'done') or '0')
+if tonumber(ARGV[2]) <= done then return 0 end
+redis.call('rpush', KEYS[1], ARGV[1])
+redis.call('expire', KEYS[1], ARGV[3])
+redis.call('hset', KEYS[2], 'done', ARGV[2])
+redis.call('expire', KEYS[2], ARGV[3])
+return 1
+"""
+"""KEYS: reply list, claim hash; ARGV: reply, calls done with it, TTL. A reply that
+brings nothing new (a late copy of the batch that another worker overtook) is dropped."""
 
 _CANCEL = """
 if redis.call('hexists', KEYS[1], 'started') == 1 then return 0 end
@@ -54,10 +71,23 @@ def stop_key(owner: str) -> str:
     return names.STOP_KEY_PREFIX + owner
 
 
-def start(client: redis.Redis, batch_id: str) -> set[str]:
-    """Take the batch for running; the fields the client set first (``all``: skip it)."""
-    fields = client.eval(_START, 1, claim_key(batch_id), TTL_SECONDS)
-    return {f.decode() if isinstance(f, bytes) else str(f) for f in fields}
+def start(client: redis.Redis, batch_id: str) -> tuple[set[str], int]:
+    """Take the batch for running: the fields its client set first (``all``: skip it),
+    and how many of its calls an earlier delivery already answered."""
+    flat = [
+        f.decode() if isinstance(f, bytes) else str(f)
+        for f in client.eval(_START, 1, claim_key(batch_id), TTL_SECONDS)
+    ]
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    done = int(fields.pop("done", 0))
+    fields.pop("started", None)
+    return set(fields), done
+
+
+def record(client: redis.Redis, batch_id: str, reply_to: str, reply: bytes, done: int) -> bool:
+    """Push ``reply`` and record ``done`` calls answered, unless a delivery got further."""
+    keys = (reply_to, claim_key(batch_id))
+    return bool(client.eval(PROGRESS_SCRIPT, 2, *keys, reply, done, TTL_SECONDS))
 
 
 def cancel(client: redis.Redis, batch_id: str, field: str = WHOLE_BATCH) -> bool:

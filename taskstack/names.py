@@ -10,7 +10,11 @@ tell a running batch its client stopped it (see :mod:`taskstack.claims`). Replie
 list, one ``RPUSH`` each, and start with a one-byte kind:
 
 - :data:`STARTED` + batch id: the batch started running (futures become *running*);
-- :data:`DONE` + batch id + signed pickle of ``(outcomes, seconds)``: the batch ran;
+- :data:`PROGRESS` + batch id + signed pickle of a :data:`Segment`: outcomes of
+  calls that finished while the batch runs on, so a batch redelivered after its
+  worker died runs only the calls whose outcomes were not yet sent;
+- :data:`DONE` + batch id + signed pickle of a :data:`Ending`: the batch ran to its
+  end; its last outcomes;
 - :data:`FAILED` + JSON ``{"id", "type", "error"}``: the batch was refused before
   anything of it was unpickled (bad signature, malformed message), or it failed
   as a whole (its process died every time it ran, it hit the hard time limit);
@@ -111,7 +115,23 @@ Outcome = tuple[bool, Any]
 SKIPPED_CALL: Final = "cancelled before it started"
 """The outcome text of a call the worker skipped because its client cancelled it."""
 
+Segment = tuple[int, list[Outcome]]
+"""``(index of the first call, outcomes of consecutive calls)``."""
+
+Ending = tuple[int, list[Outcome], float, int]
+"""``(first, outcomes, seconds, ran)``: the last segment, and how long the ``ran``
+calls run by this delivery took. ``first`` is :data:`WHOLE_BATCH` when its one
+outcome (a batch that could not be loaded) stands for every call."""
+
+WHOLE_BATCH: Final = -1
+
+PROGRESS_SECONDS: Final = 0.01
+"""A call's outcome is sent as it finishes, unless the batch sent one less than this
+long before: then with the next call's. One reply per call when calls are slow, about
+a hundred per second and process when they are tiny."""
+
 STARTED: Final = b"S"
+PROGRESS: Final = b"P"
 DONE: Final = b"D"
 FAILED: Final = b"F"
 QUIT: Final = b"Q"

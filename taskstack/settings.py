@@ -23,6 +23,9 @@ DEFAULT_SECRET = "taskstack-local-secret"
 
 T = TypeVar("T")
 
+MIN_LEASE_SECONDS = 2.0
+"""A shorter lease would be renewed more often than a busy machine can promise."""
+
 
 def _default_redis_url(port: int = 6379, password: str = DEFAULT_REDIS_PASSWORD) -> str:
     return f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
@@ -46,8 +49,11 @@ class Settings:
     """Seconds before a task gets ``SoftTimeLimitExceeded`` and may clean up."""
     time_limit: float = 330.0
     """Seconds before the process running a task is killed."""
-    visibility_timeout: int = 3600
-    """Seconds an unacknowledged message stays invisible before Redis redelivers it."""
+    lease_seconds: float = 10.0
+    """Seconds a task message stays claimed by its worker without a renewal; a live
+    worker renews every quarter of it, so only a lost worker's work returns to the queue."""
+    lease_sweep_seconds: float = 2.0
+    """How often each worker looks for claims nobody renewed and puts them back in the queue."""
     result_expires: int = 3600
     """Seconds a result is kept in Redis."""
     max_tasks_per_child: int = 1000
@@ -94,12 +100,15 @@ class Settings:
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
                 f"TASK_TIME_LIMIT ({self.time_limit})"
             )
-        # A message whose task may legitimately run for time_limit seconds must not
-        # be redelivered to a second worker while the first one still runs it.
-        if self.visibility_timeout <= self.time_limit:
+        if self.lease_seconds < MIN_LEASE_SECONDS:
             raise SettingsError(
-                f"REDIS_VISIBILITY_TIMEOUT ({self.visibility_timeout}) must exceed "
-                f"TASK_TIME_LIMIT ({self.time_limit}), or running tasks get redelivered"
+                f"LEASE_SECONDS must be at least {MIN_LEASE_SECONDS}, got {self.lease_seconds}"
+            )
+        _positive("LEASE_SWEEP_SECONDS", self.lease_sweep_seconds)
+        if self.lease_sweep_seconds > self.lease_seconds:
+            raise SettingsError(
+                f"LEASE_SWEEP_SECONDS ({self.lease_sweep_seconds}) must not exceed "
+                f"LEASE_SECONDS ({self.lease_seconds})"
             )
         if not self.secret:
             raise SettingsError("TASKSTACK_SECRET must not be empty")
@@ -126,6 +135,9 @@ class Settings:
         publishes: ``127.0.0.1:$REDIS_PORT`` with ``REDIS_PASSWORD``, as in ``.env``.
         """
         env = os.environ if environ is None else environ
+        for old, new in REPLACED_VARS.items():
+            if _lookup(env, old):
+                raise SettingsError(f"{old} is no longer read: {new}")
         values: dict[str, Any] = {}
         for field in fields(cls):
             name, parse = ENV_VARS[field.name]
@@ -254,7 +266,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "io_concurrency": ("WORKER_IO_CONCURRENCY", int),
     "soft_time_limit": ("TASK_SOFT_TIME_LIMIT", float),
     "time_limit": ("TASK_TIME_LIMIT", float),
-    "visibility_timeout": ("REDIS_VISIBILITY_TIMEOUT", int),
+    "lease_seconds": ("LEASE_SECONDS", float),
+    "lease_sweep_seconds": ("LEASE_SWEEP_SECONDS", float),
     "result_expires": ("RESULT_EXPIRES", int),
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", int),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", int),
@@ -267,3 +280,10 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "task_modules": ("TASK_MODULES", _modules),
 }
 """Settings field -> (environment variable, parser)."""
+
+REPLACED_VARS = {
+    "REDIS_VISIBILITY_TIMEOUT": "live workers now renew their claims; set LEASE_SECONDS "
+    "(how long a lost worker's work stays claimed) instead, and no longer above the task "
+    "time limit",
+}
+"""Variables of earlier releases that must not be silently ignored -> what to do instead."""

@@ -57,7 +57,6 @@ def base_settings() -> Settings:
         flower_password=secrets.token_urlsafe(12),
         soft_time_limit=60,
         time_limit=90,
-        visibility_timeout=120,
     )
 
 
@@ -100,14 +99,20 @@ def start_worker(redis_server: Settings, logs_dir: Path) -> Iterator[Callable[..
         service = start(node, worker_command(queue, hostname), env, logs_dir)
         worker = Worker(node, service)
         started.append(worker)
-        wait_for(
-            lambda: (
-                service.process.poll() is None
-                and probe.control.ping(destination=[node], timeout=0.5)
-            ),
-            60,
-            f"worker {node} to answer ping (log: {service.log})",
-        )
+        # A worker on another Redis database answers there.
+        asker = probe if settings is None else create_app(settings)
+        try:
+            wait_for(
+                lambda: (
+                    service.process.poll() is None
+                    and asker.control.ping(destination=[node], timeout=0.5)
+                ),
+                60,
+                f"worker {node} to answer ping (log: {service.log})",
+            )
+        finally:
+            if asker is not probe:
+                asker.close()
         return worker
 
     yield factory

@@ -77,6 +77,8 @@ class InFlight:
     job: MapJob | None = None
     first: int = 0
     calls: list[Submitted] = field(default_factory=list)
+    received: int = 0
+    """Outcomes settled so far: they arrive in order, in one or more replies."""
 
 
 def cost_key(fn: Callable[..., Any]) -> object:

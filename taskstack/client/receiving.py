@@ -102,12 +102,12 @@ class Receiver:
             batch = self._batch(notice["id"])
             if batch is not None:
                 self.settle_failure(batch, batch_failure(notice))
-        elif kind == names.DONE:
+        elif kind in (names.PROGRESS, names.DONE):
             batch = self._batch(body[: names.ID_SIZE].decode())
             if batch is None:
                 return  # a redelivered batch that already settled, or dropped work
             try:
-                outcomes, seconds = self.dispatcher.signer.loads(body[names.ID_SIZE :])
+                first, outcomes, *ending = self.dispatcher.signer.loads(body[names.ID_SIZE :])
             except SignatureError as exc:
                 self.settle_failure(batch, exc)
             except BaseException as exc:
@@ -119,24 +119,45 @@ class Receiver:
                     ),
                 )
             else:
-                self.settle(batch, outcomes, seconds)
+                self.settle(batch, first, outcomes)
+                if ending:
+                    self.finish(batch, *ending)
 
-    def settle(self, batch: InFlight, outcomes: list[names.Outcome], seconds: float) -> None:
+    def settle(self, batch: InFlight, first: int, outcomes: list[names.Outcome]) -> None:
+        """Settle the calls from ``first`` on that no earlier reply settled.
+
+        Replies of one batch arrive in order; a redelivered batch may repeat
+        outcomes already settled (its earlier delivery sent them), never skip any.
+        """
         d = self.dispatcher
-        if len(outcomes) != batch.size:  # the batch failed as a whole (e.g. an import error)
-            ok, (exc, tb) = outcomes[0]
-            outcomes = [(False, (exc, tb))] * batch.size
-        else:
-            d.sizer.observe(batch.key, batch.size, seconds)
+        if first == names.WHOLE_BATCH:  # one outcome for all (e.g. the batch would not load)
+            first = batch.received
+            outcomes = outcomes[:1] * (batch.size - first)
         with d._cv:
-            if d._inflight.pop(batch.id, None) is None:
+            if batch.id not in d._inflight:
                 return
-            d._cv.notify_all()
-        if batch.job is not None:
-            batch.job.events.put((batch.first, outcomes))
+            fresh = outcomes[batch.received - first :] if first <= batch.received else []
+            start = batch.received
+            batch.received += len(fresh)
+            if batch.received >= batch.size:
+                del d._inflight[batch.id]
+                d._cv.notify_all()
+        if not fresh:
             return
-        for call, (ok, value) in zip(batch.calls, outcomes, strict=True):
+        if batch.job is not None:
+            batch.job.events.put((batch.first + start, fresh))
+            return
+        for call, (ok, value) in zip(batch.calls[start:], fresh, strict=False):
             settle(call.future, ok, value)
+
+    def finish(self, batch: InFlight, seconds: float, ran: int) -> None:
+        """A batch's last reply: learn its cost; what it left unsettled is lost."""
+        if ran:
+            self.dispatcher.sizer.observe(batch.key, ran, seconds)
+        if batch.received < batch.size:
+            self.settle_failure(
+                batch, RemoteError(f"the outcomes of {batch.size - batch.received} calls were lost")
+            )
 
     def settle_failure(self, batch: InFlight, exc: BaseException) -> None:
         d = self.dispatcher
@@ -146,6 +167,7 @@ class Receiver:
             d._cv.notify_all()
         outcome: names.Outcome = (False, (exc, ""))
         if batch.job is not None:
-            batch.job.events.put((batch.first, [outcome] * batch.size))
-        for call in batch.calls:
+            left = batch.size - batch.received
+            batch.job.events.put((batch.first + batch.received, [outcome] * left))
+        for call in batch.calls[batch.received :]:
             settle(call.future, False, (exc, ""))

@@ -9,9 +9,12 @@ from celery import Celery
 
 from taskstack.capacity import CapacityBeacon
 from taskstack.worker import shutdown
+from taskstack.worker.leases import Leases
 
 
 def install(app: Celery) -> None:
-    """Add what only a worker runs to ``app``: the capacity beacon, soft shutdown, deadline."""
+    """Add what only a worker runs to ``app``: the capacity beacon, lease renewal, soft
+    shutdown and its deadline."""
     app.steps["worker"].add(CapacityBeacon)
+    app.steps["consumer"].add(Leases)
     shutdown.install(app)

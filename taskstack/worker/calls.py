@@ -73,11 +73,14 @@ def run_calls(
     calls: names.Batch,
     skip: frozenset[int] = frozenset(),
     stopped: Callable[[], bool] | None = None,
+    first: int = 0,
+    progress: Callable[[list[names.Outcome], int], None] | None = None,
 ) -> list[names.Outcome]:
-    """Run each call not in ``skip``, until ``stopped()`` says the client stopped the batch."""
+    """Run each call from ``first`` on that is not in ``skip``, until ``stopped()`` says
+    the client stopped the batch; ``progress`` sees the outcomes after each call."""
     outcomes: list[names.Outcome] = []
     next_check = time.monotonic() + STOP_CHECK_SECONDS
-    for index, (fn, args, kwargs) in enumerate(calls):
+    for index in range(first, len(calls)):
         if index in skip:
             outcomes.append(_skipped())
             continue
@@ -86,6 +89,7 @@ def run_calls(
                 outcomes.extend(_skipped() for _ in calls[index:])
                 break
             next_check = time.monotonic() + STOP_CHECK_SECONDS
+        fn, args, kwargs = calls[index]
         try:
             value = fn(*args, **kwargs) if kwargs else fn(*args)
         except BaseException as exc:
@@ -94,17 +98,22 @@ def run_calls(
             outcomes.append(_failure(exc))
         else:
             outcomes.append((True, value))
+        if progress is not None:
+            progress(outcomes, len(calls) - index - 1)
     return outcomes
 
 
-def pack_outcomes(signer: Signer, outcomes: list[names.Outcome], seconds: float) -> bytes:
-    """Sign the outcomes; a value or exception that cannot travel becomes an error saying so."""
+def pack_outcomes(
+    signer: Signer, first: int, outcomes: list[names.Outcome], *rest: object
+) -> bytes:
+    """Sign ``(first, outcomes, *rest)``; a value or exception that cannot travel becomes
+    an error saying so."""
     outcomes = [_rebuildable(outcome) for outcome in outcomes]
     try:
-        return signer.dumps((outcomes, seconds))
+        return signer.dumps((first, outcomes, *rest))
     except Exception:
         safe = [_picklable(signer, outcome) for outcome in outcomes]
-        return signer.dumps((safe, seconds))
+        return signer.dumps((first, safe, *rest))
 
 
 def _rebuildable(outcome: names.Outcome) -> names.Outcome:

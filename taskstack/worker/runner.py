@@ -26,6 +26,7 @@ from taskstack.connections import shared
 from taskstack.errors import PayloadTooLarge, SignatureError
 from taskstack.signing import Signer
 from taskstack.worker.calls import initialize, pack_outcomes, run_calls
+from taskstack.worker.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,18 @@ def _run_batch(
             "module on the workers too, or call cloudpickle.register_pickle_by_value(module)"
         )
         unloadable = [(False, (error, traceback.format_exc()))]
-        _reply(client, reply_to, names.DONE + batch_id.encode() + signer.dumps((unloadable, 0.0)))
+        ending = signer.dumps((names.WHOLE_BATCH, unloadable, 0.0, 0))
+        _reply(client, reply_to, names.DONE + batch_id.encode() + ending)
         raise error from exc
-    cancelled = claims.start(client, batch_id)
+    cancelled, done = claims.start(client, batch_id)
     if claims.WHOLE_BATCH in cancelled:
         logger.info("batch %s: cancelled by its client before it started; skipped", batch_id)
         return 0
+    if done >= len(calls):
+        logger.info("batch %s: every outcome was sent by an earlier delivery; skipped", batch_id)
+        return 0
+    if done:
+        logger.info("batch %s: redelivered; resumes at call %d of %d", batch_id, done, len(calls))
     if notify_start:  # marks the futures running; the outcomes matter, this does not
         try:
             _reply(client, reply_to, names.STARTED + batch_id.encode())
@@ -97,16 +104,24 @@ def _run_batch(
             logger.warning("batch %s: could not report its start (%s)", batch_id, exc)
     skip = frozenset(i for i in range(len(calls)) if claims.call_field(i) in cancelled)
     started = time.perf_counter()
+    progress = Progress(client, signer, reply_to, batch_id, done)
     failed_setup = initialize(setup)
     if failed_setup is not None:
         trace = "".join(traceback.format_exception(failed_setup))
-        outcomes: list[names.Outcome] = [(False, (failed_setup, trace))] * len(calls)
+        outcomes: list[names.Outcome] = [(False, (failed_setup, trace))] * (len(calls) - done)
     else:
-        outcomes = run_calls(calls, skip, lambda: bool(stop_keys and client.exists(*stop_keys)))
+
+        def stopped() -> bool:
+            return bool(stop_keys and client.exists(*stop_keys))
+
+        try:
+            outcomes = run_calls(calls, skip, stopped, done, progress)
+        finally:
+            progress.close()
     seconds = time.perf_counter() - started
-    _reply(
-        client, reply_to, names.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds)
-    )
+    last = progress.sent
+    ending = pack_outcomes(signer, done + last, outcomes[last:], seconds, len(outcomes))
+    claims.record(client, batch_id, reply_to, names.DONE + batch_id.encode() + ending, len(calls))
     return len(outcomes)
 
 

@@ -97,7 +97,7 @@ class ShutdownDeadline(bootsteps.StartStopStep):  # type: ignore[misc]
 def _exit_wedged(hostname: str, deadline: float) -> None:
     logger.critical(
         "%s: shutdown still running after %.0f s; exiting with status %d "
-        "(unacknowledged tasks return to the queue after the visibility timeout)",
+        "(its unacknowledged tasks return to the queue once their leases lapse)",
         hostname,
         deadline,
         EXIT_WEDGED,

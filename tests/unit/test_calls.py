@@ -21,12 +21,25 @@ def test_run_calls_captures_values_and_exceptions_with_tracebacks() -> None:
 
 def test_unpicklable_results_become_clear_errors() -> None:
     signer = Signer("k")
-    outcomes, _ = signer.loads(
-        pack_outcomes(signer, [(True, 1), (True, (x for x in range(3)))], 0.5)
+    first, outcomes, seconds = signer.loads(
+        pack_outcomes(signer, 7, [(True, 1), (True, (x for x in range(3)))], 0.5)
     )
+    assert (first, seconds) == (7, 0.5)
     assert outcomes[0] == (True, 1)
     ok, (exc, _) = outcomes[1]
     assert not ok and "result of type generator could not be pickled" in str(exc)
+
+
+def test_a_resumed_batch_runs_only_from_first_and_reports_as_it_goes() -> None:
+    calls: list[tuple[object, tuple[int, ...], None]] = [(abs, (-i,), None) for i in range(5)]
+    seen: list[tuple[int, int]] = []
+    outcomes = run_calls(
+        calls,  # type: ignore[arg-type]
+        first=2,
+        progress=lambda so_far, remaining: seen.append((len(so_far), remaining)),
+    )
+    assert outcomes == [(True, 2), (True, 3), (True, 4)]
+    assert seen == [(1, 2), (2, 1), (3, 0)]
 
 
 def test_stopping_the_process_is_not_an_outcome_of_the_call(

@@ -27,7 +27,7 @@ def test_from_env_parses_every_type() -> None:
             "WORKER_CPU_CONCURRENCY": "3",
             "TASK_SOFT_TIME_LIMIT": "9.5",
             "TASK_TIME_LIMIT": "10",
-            "REDIS_VISIBILITY_TIMEOUT": "60",
+            "LEASE_SECONDS": "6.5",
             "FLOWER_USER": "ops",
             "WORKER_IO_CONCURRENCY": "",  # empty means unset, as compose passes ${VAR:-}
         }
@@ -35,6 +35,7 @@ def test_from_env_parses_every_type() -> None:
     assert settings.redis_url == URL
     assert settings.cpu_concurrency == 3
     assert settings.soft_time_limit == 9.5
+    assert settings.lease_seconds == 6.5
     assert settings.io_concurrency == Settings().io_concurrency
     assert settings.flower_basic_auth.startswith("ops:")
 
@@ -50,7 +51,11 @@ def test_from_env_parses_every_type() -> None:
         ),
         ({"WORKER_IO_CONCURRENCY": "0"}, "WORKER_IO_CONCURRENCY must be positive"),
         ({"TASK_SOFT_TIME_LIMIT": "50", "TASK_TIME_LIMIT": "40"}, "must be below TASK_TIME_LIMIT"),
-        ({"REDIS_VISIBILITY_TIMEOUT": "100"}, "REDIS_VISIBILITY_TIMEOUT (100) must exceed"),
+        ({"REDIS_VISIBILITY_TIMEOUT": "100"}, "REDIS_VISIBILITY_TIMEOUT is no longer read"),
+        ({"LEASE_SECONDS": "1"}, "LEASE_SECONDS must be at least 2.0, got 1.0"),
+        ({"LEASE_SECONDS": "ten"}, "LEASE_SECONDS must be a valid float, got 'ten'"),
+        ({"LEASE_SWEEP_SECONDS": "0"}, "LEASE_SWEEP_SECONDS must be positive"),
+        ({"LEASE_SWEEP_SECONDS": "20"}, "LEASE_SWEEP_SECONDS (20.0) must not exceed"),
         ({"BIND_ADDRESS": "everywhere"}, "BIND_ADDRESS must be an IP address"),
     ],
 )
@@ -58,6 +63,12 @@ def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> No
     with pytest.raises(SettingsError) as error:
         Settings.from_env(env)
     assert message in str(error.value)
+
+
+def test_tasks_may_run_far_longer_than_the_lease() -> None:
+    """Live workers renew their claims: the time limit is no longer bounded by the lease."""
+    settings = Settings.from_env({"TASK_TIME_LIMIT": "86400", "TASK_SOFT_TIME_LIMIT": "86000"})
+    assert settings.time_limit > 1000 * settings.lease_seconds
 
 
 def test_exposed_stack_refuses_default_secrets() -> None:
@@ -161,7 +172,8 @@ def test_task_modules_are_a_comma_separated_list_of_module_names() -> None:
             io_concurrency=5,
             soft_time_limit=9.5,
             time_limit=12.0,
-            visibility_timeout=60,
+            lease_seconds=4.0,
+            lease_sweep_seconds=1.0,
             result_expires=120,
             max_tasks_per_child=10,
             max_memory_per_child=1000,

@@ -1,0 +1,97 @@
+"""A running batch's outcomes, sent as its calls finish.
+
+Each segment of finished calls is pushed to the client's reply list together
+with the count of calls answered, in one Lua call (:data:`taskstack.claims.PROGRESS_SCRIPT`).
+A batch redelivered after its worker died resumes after the last call whose
+outcome was sent, so a kill reruns only the calls that were running (and at
+most :data:`~taskstack.names.PROGRESS_SECONDS` of finished ones).
+
+Segments are sent without waiting for Redis's answer, which is read before the
+next one goes: the calls run on meanwhile, and the round trip costs them
+nothing. A segment that cannot be sent is not an error: its outcomes go with
+the next one, or with the batch's last reply, which is sent as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+
+from taskstack import claims, names
+from taskstack.signing import Signer
+from taskstack.worker.calls import pack_outcomes
+
+logger = logging.getLogger(__name__)
+
+
+class Progress:
+    """Sends the outcomes of a batch's calls from ``first`` on, as they accumulate."""
+
+    def __init__(
+        self, client: redis.Redis, signer: Signer, reply_to: str, batch_id: str, first: int
+    ) -> None:
+        self.client = client
+        self.signer = signer
+        self.keys = (reply_to, claims.claim_key(batch_id))
+        self.header = names.PROGRESS + batch_id.encode()
+        self.first = first
+        self.sent = 0
+        """Outcomes (of those this delivery produced) pushed, or on their way."""
+        self.confirmed = 0
+        """...and those Redis confirmed: all that counts if a send goes wrong."""
+        self.last = time.monotonic()
+        self.connection: Any = None
+        self.awaiting = False
+        self.broken = False
+
+    def __call__(self, outcomes: list[names.Outcome], remaining: int) -> None:
+        """Called after each call with its outcomes so far and the calls still to run."""
+        now = time.monotonic()
+        if self.broken or remaining == 0 or now - self.last < names.PROGRESS_SECONDS:
+            return
+        try:
+            self._settle()
+            segment = outcomes[self.sent :]
+            reply = self.header + pack_outcomes(self.signer, self.first + self.sent, segment)
+            done = self.first + len(outcomes)
+            if self.connection is None:
+                self.connection = self.client.connection_pool.get_connection()
+            script = claims.PROGRESS_SCRIPT
+            self.connection.send_command(
+                "EVAL", script, 2, *self.keys, reply, done, claims.TTL_SECONDS
+            )
+            self.awaiting = True
+            self.sent = len(outcomes)
+            self.last = time.monotonic()
+        except (redis.RedisError, OSError) as exc:
+            self._give_up(exc)
+
+    def close(self) -> None:
+        """Read the last answer and give the connection back; before the batch's last reply."""
+        if self.connection is None:
+            return
+        try:
+            self._settle()
+        except (redis.RedisError, OSError) as exc:
+            self._give_up(exc)
+        if self.connection is not None:
+            self.client.connection_pool.release(self.connection)
+            self.connection = None
+
+    def _settle(self) -> None:
+        if self.awaiting:
+            self.awaiting = False
+            self.connection.read_response()
+            self.confirmed = self.sent
+
+    def _give_up(self, exc: BaseException) -> None:
+        logger.warning("progress of %s not sent (%s); its outcomes go at its end", self.keys, exc)
+        self.broken = True
+        self.sent = self.confirmed
+        if self.connection is not None:
+            self.connection.disconnect()
+            self.client.connection_pool.release(self.connection)
+            self.connection = None

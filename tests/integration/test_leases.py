@@ -1,0 +1,187 @@
+"""Leases (taskstack/worker/leases.py) and resumable batches (taskstack/worker/progress.py).
+
+These workers use a lease of a few seconds and a Redis database of their own:
+every consumer of one database sweeps by its own lease, so workers with
+different leases must not share one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from taskstack import ClusterExecutor, names
+from taskstack.app import create_app
+from taskstack.settings import Settings
+from tests.integration import lease_tasks
+from tests.support import Worker, child_pids, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+LEASE = 2.0
+SWEEP = 0.5
+
+
+@pytest.fixture
+def leased(redis_server: Settings) -> Iterator[Settings]:
+    """Settings with a short lease, on a Redis database emptied before and after."""
+    url = redis_server.redis_url.rsplit("/", 1)[0] + "/1"
+    settings = dataclasses.replace(
+        redis_server,
+        redis_url=url,
+        lease_seconds=LEASE,
+        lease_sweep_seconds=SWEEP,
+        task_modules=("tasks", lease_tasks.__name__),
+    )
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield settings
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def start(leased: Settings, start_worker: Callable[..., Worker]) -> Iterator[Callable[[], Worker]]:
+    """Start short-lease cpu workers; all of them are stopped when the test ends."""
+    started: list[Worker] = []
+
+    def factory() -> Worker:
+        started.append(start_worker(names.CPU_QUEUE, leased))
+        return started[-1]
+
+    yield factory
+    for worker in started:
+        signal_all(worker, signal.SIGCONT)
+        worker.service.stop()
+
+
+@pytest.fixture
+def app(leased: Settings) -> Iterator[Celery]:
+    client = create_app(leased)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def db(leased: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(leased.redis_url)
+    yield client
+    client.close()
+
+
+def processes(worker: Worker) -> list[int]:
+    return [worker.service.process.pid, *child_pids(worker.service.process.pid)]
+
+
+def signal_all(worker: Worker, signum: int) -> None:
+    for pid in processes(worker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def held(db: redis.Redis) -> dict[str, str]:
+    """Claimed messages: task id -> delivery tag (kombu's ``unacked`` hash)."""
+    return {
+        json.loads(raw)[0]["headers"]["id"]: tag.decode() if isinstance(tag, bytes) else tag
+        for tag, raw in db.hgetall("unacked").items()
+    }
+
+
+def settled(db: redis.Redis) -> bool:
+    """Nothing queued, nothing claimed: no copy of anything can still run."""
+    return db.llen(names.CPU_QUEUE) == 0 and db.hlen("unacked") == 0
+
+
+def test_a_task_ten_times_the_lease_runs_exactly_once(
+    leased: Settings, app: Celery, db: redis.Redis, start: Callable[[], Worker]
+) -> None:
+    start()
+    key = secrets.token_hex(4)
+    result = app.send_task("tests.count_run", (leased.redis_url, key, [10 * LEASE]))
+    # A copy handed out after one lease would have started long before this returns.
+    assert result.get(timeout=10 * LEASE + 30) == 1
+    wait_for(lambda: settled(db), 30, "the task to be acknowledged")
+    assert db.get(key) == b"1"
+
+
+def test_a_countdown_beyond_the_lease_is_not_redelivered(
+    leased: Settings, app: Celery, db: redis.Redis, start: Callable[[], Worker]
+) -> None:
+    start()
+    key = secrets.token_hex(4)
+    result = app.send_task("tests.count_run", (leased.redis_url, key, [0]), countdown=5 * LEASE)
+    wait_for(lambda: result.id in held(db), 10, "the worker to hold the countdown task")
+    assert result.get(timeout=5 * LEASE + 30) == 1
+    wait_for(lambda: settled(db), 30, "the task to be acknowledged")
+    assert db.get(key) == b"1"
+
+
+def test_a_paused_worker_loses_its_claims_and_its_late_ack_does_no_harm(
+    leased: Settings, app: Celery, db: redis.Redis, start: Callable[[], Worker]
+) -> None:
+    first = start()
+    key = secrets.token_hex(4)
+    # The first run outlasts the pause; the rerun elsewhere outlasts the first's end.
+    result = app.send_task("tests.count_run", (leased.redis_url, key, [8.0, 16.0]))
+    wait_for(lambda: db.get(key) == b"1", 20, "the first worker to start the task")
+    second = start()
+    signal_all(first, signal.SIGSTOP)
+    try:
+        wait_for(lambda: db.get(key) == b"2", 10 * LEASE, "the task to run again elsewhere")
+    finally:
+        signal_all(first, signal.SIGCONT)
+    tag = held(db)[result.id]
+    wait_for(
+        lambda: "acknowledged locally only" in first.service.log_text(),
+        20,
+        "the resumed worker to finish its copy and acknowledge it",
+    )
+    assert db.zscore("unacked_index", tag) is not None, "the late ack removed the new claim"
+    assert result.id in held(db)
+    wait_for(lambda: settled(db), 40, "the second copy to finish and be acknowledged")
+    assert db.get(key) == b"2"
+    # One result, not two: the backend keeps the first success (the resumed copy's).
+    assert result.get(timeout=5) == 1
+    assert second.service.process.poll() is None
+
+
+def test_a_killed_workers_batches_resume_where_they_stopped(
+    leased: Settings, db: redis.Redis, start: Callable[[], Worker]
+) -> None:
+    victim = start()
+    runs = secrets.token_hex(4)
+    items, seconds = 80, 0.3
+    fn = lease_tasks.record_run
+    with ClusterExecutor(settings=leased) as executor:
+        results = executor.map(
+            fn,
+            [leased.redis_url] * items,
+            [runs] * items,
+            range(items),
+            [seconds] * items,
+            chunksize=items // 2,
+            timeout=120,
+        )
+        wait_for(lambda: db.llen(runs) >= 10, 30, "the first calls to run")
+        start()
+        wait_for(lambda: db.llen(runs) >= 30, 30, "more calls to run")
+        running = len(processes(victim)) - 1
+        signal_all(victim, signal.SIGKILL)
+        values = list(results)
+    assert values == [i * i for i in range(items)]
+    counts = Counter(int(item) for item in db.lrange(runs, 0, -1))
+    assert set(counts) == set(range(items))
+    again = [item for item, count in counts.items() if count > 1]
+    # Only what was running when the worker died runs twice: one call per process.
+    assert len(again) <= running, again
+    assert max(counts.values()) <= 2
