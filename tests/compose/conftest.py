@@ -2,8 +2,8 @@
 
 ``stack`` is the stack as users run it (defaults, three cpu workers), shared by a
 module. :func:`new_stack` and :func:`running` let a module start one with other
-settings, e.g. short timeouts (``new_stack("taskstack-faults",
-REDIS_VISIBILITY_TIMEOUT="45", ...)``, as tests/compose/faults/ does). The
+settings, e.g. ``new_stack("taskstack-faults", WORKER_MAX_TASKS_PER_CHILD="100")``, as
+tests/compose/faults/ does. The
 reliability report that the fault scenarios fill in is the plugin
 tests/compose/faults/report.py; ``Row`` is re-exported here for the modules
 that import it from this file.
@@ -39,16 +39,19 @@ CPU_WORKERS = 3
 UP_TIMEOUT_SECONDS = 300
 """Covers the first start on a slow machine; the image build comes on top."""
 
-RESTORE_SWEEP_SECONDS = 10
-"""How often one consumer looks for expired unacknowledged messages: kombu's Redis
-transport sweeps every ``unacked_restore_interval`` (10 s) as taskstack.app sets
-``unacked_restore_throttle`` to 1."""
+DEFAULTS = Settings()
+LEASE_SECONDS = DEFAULTS.lease_seconds
+RESTORE_SWEEP_SECONDS = DEFAULTS.lease_sweep_seconds
+"""How often every consumer looks for claims nobody renewed (kombu's restore sweep)."""
+RECOVERY_GOAL_SECONDS = 15.0
+"""With the default settings, a lost worker's unfinished work runs again elsewhere within
+this long of the loss: the lease, a sweep, and a moment to pick it up."""
 
 
-def redelivery_deadline(visibility_timeout: int) -> int:
-    """Seconds for work held by a lost worker to be redelivered and done: the
-    visibility timeout, up to two restore sweeps, and room for a slow machine."""
-    return visibility_timeout + 2 * RESTORE_SWEEP_SECONDS + 60
+def redelivery_deadline(lease: float = LEASE_SECONDS) -> float:
+    """Seconds for work held by a lost worker to be redelivered and done: the lease, up to
+    two restore sweeps, and room for a slow machine."""
+    return lease + 2 * RESTORE_SWEEP_SECONDS + 60
 
 
 SETTINGS_VARIABLES = frozenset(name for name, _ in ENV_VARS.values())
@@ -87,7 +90,7 @@ class Stack:
     secret: str
     project: str = PROJECT
     settings: Mapping[str, str] = field(default_factory=dict, hash=False)
-    """Settings variables (e.g. ``REDIS_VISIBILITY_TIMEOUT``) given to every service."""
+    """Settings variables (e.g. ``WORKER_MAX_TASKS_PER_CHILD``) given to every service."""
 
     @property
     def env(self) -> dict[str, str]:

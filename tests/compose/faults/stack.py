@@ -10,9 +10,10 @@ import pytest
 import redis
 
 from taskstack import names
+from taskstack.worker.leases import RENEWALS_PER_LEASE
 from tests.compose.conftest import (
     CPU_WORKERS,
-    RESTORE_SWEEP_SECONDS,
+    LEASE_SECONDS,
     Stack,
     docker,
     redelivery_deadline,
@@ -23,21 +24,16 @@ MARKS: Final = [pytest.mark.compose, pytest.mark.faults, pytest.mark.timeout(150
 """Every scenario module's ``pytestmark``."""
 
 FAULTS = {
-    "REDIS_VISIBILITY_TIMEOUT": "45",
-    "TASK_TIME_LIMIT": "40",
-    "TASK_SOFT_TIME_LIMIT": "35",
     # Small enough that the sustained load sees prefork children replaced.
     "WORKER_MAX_TASKS_PER_CHILD": "100",
     "RESULT_EXPIRES": "600",
 }
-"""The faults stack's settings. The soft limit (35 s) leaves room for the graceful
-stop's long tasks (28 s, longer than the 20 s soft shutdown)."""
+"""The faults stack's settings: the defaults, timeouts and leases included."""
 
-VISIBILITY_TIMEOUT = int(FAULTS["REDIS_VISIBILITY_TIMEOUT"])
-REDELIVERY_SECONDS = redelivery_deadline(VISIBILITY_TIMEOUT)
-LATEST_REDELIVERY_AGE = VISIBILITY_TIMEOUT + 2 * RESTORE_SWEEP_SECONDS + 30
-"""A lost batch starts again at most this long after it first started (the sweep
-period plus time on the queue behind the work in flight)."""
+REDELIVERY_SECONDS = redelivery_deadline()
+EARLIEST_RESTORE_SECONDS = LEASE_SECONDS * (1 - 1 / RENEWALS_PER_LEASE) - 1
+"""A lost worker's claim was renewed at most a quarter lease before the loss: its work
+cannot come back sooner than this after it (a second of slack for the clocks)."""
 RESULT_TIMEOUT = 120
 POLL_SECONDS = 0.5
 """How often a scenario polls Docker or Redis, unless it needs a finer grain."""
@@ -95,6 +91,12 @@ def queued_ids(client: redis.Redis, queue: str = names.CPU_QUEUE) -> dict[str, b
         headers = json.loads(raw)["headers"]
         ids[headers["id"]] = bool(headers.get("redelivered"))
     return ids
+
+
+def processes_per_worker(client: redis.Redis) -> int:
+    """The most processes a cpu worker runs (its capacity beacon's count)."""
+    entries = client.hvals(names.CAPACITY_KEY_PREFIX + names.CPU_QUEUE)
+    return max(int(entry.split()[0]) for entry in entries)
 
 
 def unacked_ids(client: redis.Redis) -> set[str]:

@@ -21,7 +21,6 @@ from tests.compose.faults.stack import (
     MARKS,
     POLL_SECONDS,
     RESULT_TIMEOUT,
-    VISIBILITY_TIMEOUT,
     ensure_cpu_workers,
     host_redis,
     queued_ids,
@@ -41,9 +40,8 @@ def test_poison_task_is_given_up_and_blocks_nothing(faults: Stack, report_row: R
     app = create_app(faults.client_settings)
     batch = app.tasks[names.RUN_BATCH]
     retries, delay = batch.max_retries, batch.default_retry_delay
-    # A retry waits in a worker as an ETA message, unacknowledged: were it to wait
-    # longer than the visibility timeout, kombu would hand out copies of it.
-    assert delay < VISIBILITY_TIMEOUT / 2, f"default_retry_delay {delay} s vs VT"
+    # A retry waits in a worker as an ETA message, unacknowledged; its lease is renewed
+    # meanwhile (tests/integration/test_leases.py checks a countdown beyond the lease).
     trace = Trace(faults)
     done_at: dict[int, float] = {}
 

@@ -1,4 +1,5 @@
-"""Scenario 1: a cpu worker SIGKILLed mid-map, three times; kombu redelivers what it held."""
+"""Scenario 1: a cpu worker SIGKILLed mid-map, three times; its lapsed leases bring back what it
+held, and its batches resume after the last call they answered."""
 
 from __future__ import annotations
 
@@ -9,18 +10,26 @@ from typing import Any
 import pytest
 
 from taskstack import ClusterExecutor
-from tests.compose.conftest import CPU_WORKERS, RESTORE_SWEEP_SECONDS, Row, Stack, docker
+from tests.compose.conftest import (
+    CPU_WORKERS,
+    LEASE_SECONDS,
+    RECOVERY_GOAL_SECONDS,
+    RESTORE_SWEEP_SECONDS,
+    Row,
+    Stack,
+    docker,
+)
 from tests.compose.faults import work
 from tests.compose.faults.stack import (
-    LATEST_REDELIVERY_AGE,
+    EARLIEST_RESTORE_SECONDS,
     MARKS,
     POLL_SECONDS,
     REDELIVERY_SECONDS,
-    VISIBILITY_TIMEOUT,
     ensure_cpu_workers,
     gone_or_restarted,
     host_redis,
     inspect,
+    processes_per_worker,
     unacked_ids,
 )
 from tests.compose.faults.trace import Run, Trace, redelivered_batches
@@ -81,22 +90,23 @@ def test_killed_workers_lose_no_accepted_work(faults: Stack, report_row: Row) ->
     runs = trace.runs()
     assert {run.item for run in runs} == set(range(KILL_ITEMS))
     batches = redelivered_batches(runs)
-    # Every kill takes the batches its two processes were running.
+    # Every kill takes the batches its processes were running.
     assert batches, "no batch was redelivered, yet three busy workers were killed"
-    delays, ages = [], []
+    delays = []
     for first, again in batches.values():
-        if first is None:  # delivered, never started: lost in the last kill before it expired
-            expired = [t for t, _ in kills if t <= again.started - VISIBILITY_TIMEOUT + 2]
-            lost_at = max(expired, default=kills[0][0])
+        if first is None:  # delivered, never started: the last kill before it came back
+            lost_at = max(t for t, _ in kills if t <= again.started)
         else:
             lost_in = [t for t, host in kills if host == first.host and t >= first.started]
             assert lost_in, f"batch {again.task_id} was redelivered, its worker was not killed"
             lost_at = lost_in[0]
-            # Redelivered by kombu's visibility-timeout restore, not by anything sooner.
-            ages.append(again.started - first.started)
         delays.append(again.started - lost_at)
-    assert ages and min(ages) >= VISIBILITY_TIMEOUT - 2, ages
-    assert max(ages) <= LATEST_REDELIVERY_AGE, ages
+    # Back through a lapsed lease, not sooner; and within the goal.
+    assert min(delays) >= EARLIEST_RESTORE_SECONDS, delays
+    assert max(delays) <= RECOVERY_GOAL_SECONDS, delays
+    # Resumed batches rerun only the calls that were running: one per process and kill.
+    processes = processes_per_worker(host_redis(faults))
+    assert report_row.duplicates <= len(kills) * processes, (report_row.duplicates, processes)
     wait_for(
         lambda: not unacked_ids(host_redis(faults)) & {r.task_id for r in runs},
         30,
@@ -107,7 +117,8 @@ def test_killed_workers_lose_no_accepted_work(faults: Stack, report_row: Row) ->
 
     report_row.recovery_s = max(delays)
     report_row.figures = {
-        "visibility_timeout_s": VISIBILITY_TIMEOUT,
+        "lease_s": LEASE_SECONDS,
+        "sweep_s": RESTORE_SWEEP_SECONDS,
         "items": KILL_ITEMS,
         "item_cpu_s": KILL_ITEM_SECONDS,
         "chunksize": KILL_CHUNKSIZE,
@@ -115,14 +126,16 @@ def test_killed_workers_lose_no_accepted_work(faults: Stack, report_row: Row) ->
         "docker_state_after_kill": after_kill,
         "redelivered_batches": len(batches),
         "restore_delay_after_kill_s": [round(d, 1) for d in sorted(delays)],
-        "age_at_redelivery_s": [round(a, 1) for a in sorted(ages)],
+        "duplicates_per_kill_limit": processes,
         "map_wall_s": round(finished - started, 1),
         "timeline": timeline(runs, [t for t, _ in kills], started, finished),
     }
     report_row.note(
-        f"{len(batches)} batches (of {KILL_ITEMS // KILL_CHUNKSIZE}) redelivered by kombu's "
-        f"visibility-timeout restore, {min(delays):.0f}-{max(delays):.0f} s after their kill "
-        f"(VT {VISIBILITY_TIMEOUT} s + up to {RESTORE_SWEEP_SECONDS} s sweep period)"
+        f"{len(batches)} batches (of {KILL_ITEMS // KILL_CHUNKSIZE}) came back once their "
+        f"lease lapsed, {min(delays):.0f}-{max(delays):.0f} s after their kill (lease "
+        f"{LEASE_SECONDS:g} s, sweep {RESTORE_SWEEP_SECONDS:g} s), and resumed after their last "
+        f"answered call: {report_row.duplicates} calls ran twice, at most {processes} per kill "
+        "(one per process) allowed"
     )
     if set(after_kill) == {"exited"}:
         report_row.note(
