@@ -40,6 +40,7 @@ from celery import bootsteps
 from kombu.transport import virtual
 
 from taskstack.connections import shared
+from taskstack.worker import shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +76,12 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         options = consumer.app.conf.broker_transport_options
         self.lease: float = float(options["visibility_timeout"])
         self.interval = self.lease / RENEWALS_PER_LEASE
-        self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.beat_entry: Any = None
-        self.beat = time.monotonic()
-        """When the event loop last turned (a timer entry sets it)."""
+        self.beat: float | None = time.monotonic()
+        """When the event loop last turned (a timer entry sets it); ``None`` while the
+        consumer is stopped (a shutdown finishing its tasks, a reconnection)."""
+        self.silent = False
         self.confirmed: dict[str, float] = {}
         """Held tag -> when its claim was last renewed (monotonic)."""
         self.lost: set[str] = set()
@@ -89,22 +91,22 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         self.beat = time.monotonic()
         self.beat_entry = consumer.timer.call_repeatedly(self.interval, self._beat)
         if self.thread is None or not self.thread.is_alive():
-            self.stopping.clear()
             self.thread = threading.Thread(
                 target=self.run, args=(consumer,), name="taskstack-leases", daemon=True
             )
             self.thread.start()
 
     def stop(self, consumer: Any) -> None:
+        # Tasks still running in a soft shutdown keep their claims: renewal goes on,
+        # without the beat, until the process exits (bounded by its shutdown deadline).
+        # So it does while the consumer reconnects.
         if self.beat_entry is not None:
             self.beat_entry.cancel()
             self.beat_entry = None
+        self.beat = None
 
     def shutdown(self, consumer: Any) -> None:
         self.stop(consumer)
-        self.stopping.set()
-        if self.thread is not None:
-            self.thread.join(timeout=self.interval + 1)
 
     def _beat(self) -> None:
         self.beat = time.monotonic()
@@ -118,9 +120,21 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def run(self, consumer: Any) -> None:
         client = shared(consumer.app.conf.broker_url)
-        while not self.stopping.wait(self.interval):
-            if time.monotonic() - self.beat > self.lease / 2:
-                logger.warning("event loop silent for %.0f s: claims not renewed", self.lease / 2)
+        while True:  # until the process exits: a daemon thread
+            time.sleep(self.interval)
+            silent = (
+                self.beat is not None
+                and time.monotonic() - self.beat > self.lease / 2
+                # A soft shutdown stops the loop while tasks finish; its deadline ends it.
+                and not shutdown.begun()
+            )
+            if silent != self.silent:
+                self.silent = silent
+                if silent:
+                    logger.warning("event loop silent: claims no longer renewed")
+                else:
+                    logger.warning("event loop turns again: claims renewed")
+            if silent:
                 continue
             qos = _qos(consumer)
             if qos is None:

@@ -46,6 +46,18 @@ EXIT_WEDGED: Final = 70
 """Exit status of a worker whose teardown overran its deadline (EX_SOFTWARE)."""
 
 
+_begun = threading.Event()
+
+
+def begun() -> bool:
+    """Whether this worker's shutdown has begun: it ends by its deadline from now on.
+
+    During a soft shutdown Celery's main thread sleeps in the signal handler, so
+    nothing else (no event loop, no state flag) says so.
+    """
+    return _begun.is_set()
+
+
 class ShutdownDeadline(bootsteps.StartStopStep):  # type: ignore[misc]
     """Ends the process if the worker's shutdown outlasts its deadline.
 
@@ -88,6 +100,7 @@ class ShutdownDeadline(bootsteps.StartStopStep):  # type: ignore[misc]
         signal.signal(sig, handler)
 
     def _arm(self, hostname: str, deadline: float) -> None:
+        _begun.set()
         if self.timer is None:
             self.timer = threading.Timer(deadline, _exit_wedged, (hostname, deadline))
             self.timer.daemon = True

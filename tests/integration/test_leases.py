@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -23,6 +24,7 @@ from celery import Celery
 from taskstack import ClusterExecutor, names
 from taskstack.app import create_app
 from taskstack.settings import Settings
+from taskstack.worker.shutdown import SHUTDOWN_DEADLINE_SECONDS, SOFT_SHUTDOWN_SECONDS
 from tests.integration import lease_tasks
 from tests.support import Worker, child_pids, wait_for
 
@@ -80,6 +82,9 @@ def db(leased: Settings) -> Iterator[redis.Redis]:
 
 
 def processes(worker: Worker) -> list[int]:
+    """The worker's main process and its pool's; none once it exited."""
+    if worker.service.process.poll() is not None:
+        return []
     return [worker.service.process.pid, *child_pids(worker.service.process.pid)]
 
 
@@ -185,3 +190,46 @@ def test_a_killed_workers_batches_resume_where_they_stopped(
     # Only what was running when the worker died runs twice: one call per process.
     assert len(again) <= running, again
     assert max(counts.values()) <= 2
+
+
+def test_renewals_cost_one_call_per_quarter_lease_whatever_the_worker_holds(
+    leased: Settings, app: Celery, db: redis.Redis, start: Callable[[], Worker]
+) -> None:
+    start()
+    held_count, window = 200, 4 * LEASE
+    for _ in range(held_count):
+        app.send_task("tests.count_run", (leased.redis_url, "unused", [0]), countdown=600)
+    wait_for(lambda: len(held(db)) == held_count, 30, "the worker to hold every countdown task")
+    before = commandstats(db)
+    time.sleep(window)  # a measuring window, not a wait for a condition
+    after = commandstats(db)
+    calls = {name: (after.get(name, 0) - before.get(name, 0)) / window for name in after}
+    renewals_per_second = 4 / LEASE  # RENEWALS_PER_LEASE per lease
+    # One EVAL per renewal (plus kombu's sweep, which uses none), not one per message...
+    assert calls.get("eval", 0) <= renewals_per_second * 1.5, calls
+    # ...which moves every held claim.
+    assert calls.get("zadd", 0) >= held_count * renewals_per_second * 0.5, calls
+    print(f"\nrenewal cost, {held_count} held, lease {LEASE:g} s: {calls}")
+
+
+def commandstats(db: redis.Redis) -> dict[str, int]:
+    """Calls per command since the server started (Lua's own calls included)."""
+    stats = db.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
+
+def test_a_soft_shutdown_longer_than_the_lease_keeps_its_claims(
+    leased: Settings, app: Celery, db: redis.Redis, start: Callable[[], Worker]
+) -> None:
+    """Celery's soft shutdown stops the event loop for 20 s while tasks finish: a task
+    done meanwhile is acknowledged, and only the unfinished one goes back, once."""
+    worker = start()
+    short = app.send_task("tests.count_run", (leased.redis_url, secrets.token_hex(4), [3.0]))
+    long = app.send_task("tests.count_run", (leased.redis_url, secrets.token_hex(4), [60.0]))
+    wait_for(lambda: {short.id, long.id} <= set(held(db)), 20, "the worker to hold both")
+    worker.service.process.send_signal(signal.SIGTERM)
+    assert worker.service.process.wait(SOFT_SHUTDOWN_SECONDS + SHUTDOWN_DEADLINE_SECONDS + 10) == 0
+    queued = [json.loads(raw)["headers"]["id"] for raw in db.lrange(names.CPU_QUEUE, 0, -1)]
+    assert queued == [long.id]
+    assert not held(db)
+    assert "claim lapsed" not in worker.service.log_text()

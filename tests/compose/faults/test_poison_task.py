@@ -15,6 +15,7 @@ from celery.exceptions import WorkerLostError
 from tasks import compute
 from taskstack import ClusterExecutor, names
 from taskstack.app import create_app
+from taskstack.worker.runner import run_batch
 from tests.compose.conftest import Row, Stack, flower_get
 from tests.compose.faults import work
 from tests.compose.faults.stack import (
@@ -38,7 +39,7 @@ POISON_BEHIND = 20
 def test_poison_task_is_given_up_and_blocks_nothing(faults: Stack, report_row: Row) -> None:
     ensure_cpu_workers(faults)
     app = create_app(faults.client_settings)
-    batch = app.tasks[names.RUN_BATCH]
+    batch = app.tasks[run_batch.name]  # the worker's own definition: its retry policy
     retries, delay = batch.max_retries, batch.default_retry_delay
     # A retry waits in a worker as an ETA message, unacknowledged; its lease is renewed
     # meanwhile (tests/integration/test_leases.py checks a countdown beyond the lease).
