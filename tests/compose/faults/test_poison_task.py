@@ -121,8 +121,9 @@ def test_poison_task_is_given_up_and_blocks_nothing(faults: Stack, report_row: R
         "flower_retries": info.get("retries"),
     }
     report_row.note(
-        f"ran {len(runs)} times (1 + max_retries {retries}), {delay:g} s apart "
-        f"(default_retry_delay), then WorkerLostError on the client and FAILURE in Flower "
+        f"ran {len(runs)} times (1 + max_retries {retries}), {min(gaps):.0f}-{max(gaps):.0f} s "
+        f"apart (the prefork pool noticing its lost process, then default_retry_delay "
+        f"{delay:g} s), then WorkerLostError on the client and FAILURE in Flower "
         f"after {given_up:.0f} s; the {report_row.completed} tasks sent behind it were done "
         f"{max(behind_done, plain_done) - sent_at:.1f} s after it was sent"
     )
