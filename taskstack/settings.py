@@ -56,6 +56,15 @@ class Settings:
     """A prefork child is replaced once its resident memory exceeds this many KiB."""
     max_payload_bytes: int = 16 * 1024 * 1024
     """Largest signed batch (functions, arguments) a client sends or a worker accepts."""
+    shared_min_bytes: int = 1024 * 1024
+    """A pickle protocol 5 buffer (NumPy array data) this large leaves the batch: it is stored
+    once in Redis and mapped once per worker host."""
+    shared_max_bytes: int = 2 * 1024**3
+    """Most bytes of shared data one client keeps in Redis at a time."""
+    shared_expires: int = 3600
+    """Seconds shared data outlives its last use when its client does not delete it."""
+    shared_dir: str = ""
+    """Directory where a worker host keeps fetched shared data; empty: the system's temp dir."""
     redis_retry_seconds: float = 30.0
     """How long a client retries a Redis that went away before its calls fail."""
     secret: str = DEFAULT_SECRET
@@ -89,6 +98,9 @@ class Settings:
         _positive("WORKER_MAX_MEMORY_PER_CHILD", self.max_memory_per_child)
         _positive("MAX_PAYLOAD_BYTES", self.max_payload_bytes)
         _positive("REDIS_RETRY_SECONDS", self.redis_retry_seconds)
+        _positive("SHARED_MIN_BYTES", self.shared_min_bytes)
+        _positive("SHARED_MAX_BYTES", self.shared_max_bytes)
+        _positive("SHARED_EXPIRES", self.shared_expires)
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -259,6 +271,10 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", int),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", int),
     "max_payload_bytes": ("MAX_PAYLOAD_BYTES", int),
+    "shared_min_bytes": ("SHARED_MIN_BYTES", int),
+    "shared_max_bytes": ("SHARED_MAX_BYTES", int),
+    "shared_expires": ("SHARED_EXPIRES", int),
+    "shared_dir": ("SHARED_DIR", str),
     "redis_retry_seconds": ("REDIS_RETRY_SECONDS", float),
     "secret": ("TASKSTACK_SECRET", str),
     "flower_user": ("FLOWER_USER", str),

@@ -1,0 +1,133 @@
+"""Big things sent once (taskstack/sharing.py, client/sharing.py, worker/shared_objects.py).
+
+Measured on a real Redis and a real prefork worker: the bytes Redis moves
+(its own ``INFO stats`` counters) and the memory of the worker's processes
+(their proportional set size, which splits a page shared by n processes n ways).
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from taskstack import ClusterExecutor, PayloadTooLarge, SignatureError, names, share
+from taskstack.client.sharing import Memo, SharedStore
+from taskstack.settings import Settings
+from taskstack.signing import Signer
+from taskstack.worker.shared_objects import HostCache
+from tests.integration import work
+from tests.support import Tripwire, Worker, child_pids, pss_bytes, redis_traffic
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+MB = 1024 * 1024
+ARRAY_BYTES = 50 * MB
+
+
+def _shared_keys(client: redis.Redis, owner: str) -> list[bytes]:
+    return list(client.scan_iter(f"{names.SHARED_KEY_PREFIX}{owner}:*"))
+
+
+def test_a_50mb_array_in_every_call_crosses_redis_once_and_is_one_copy_per_host(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
+) -> None:
+    array = np.random.default_rng().random(ARRAY_BYTES // 8)  # new digest: nothing cached
+    expected = float(array.sum())
+    before_memory = pss_bytes(child_pids(cpu_worker.service.process.pid))
+    before = redis_traffic(redis_client)
+    with ClusterExecutor(settings=redis_server) as executor:  # default limits
+        results = list(executor.map(functools.partial(work.total_plus, array), range(1000)))
+        moved_in, moved_out = (
+            a - b for a, b in zip(redis_traffic(redis_client), before, strict=True)
+        )
+        processes = child_pids(cpu_worker.service.process.pid)
+        grown = pss_bytes(processes) - before_memory
+        pids = {pid for _, pid in results}
+        again = redis_traffic(redis_client)
+        assert [total - i for i, (total, _) in enumerate(results)] == pytest.approx(
+            [expected] * 1000
+        )
+        list(executor.map(functools.partial(work.total_plus, array), range(10)))
+        second_in = redis_traffic(redis_client)[0] - again[0]
+    assert moved_in <= 1.2 * ARRAY_BYTES, f"{moved_in / MB:.1f} MB went into Redis"
+    assert moved_out <= 1.2 * ARRAY_BYTES, f"{moved_out / MB:.1f} MB came out of Redis"
+    assert second_in < MB, "a second map over the same array sent it again"
+    assert len(pids) > 1, "one process ran every call: the memory check would prove nothing"
+    assert grown < 1.5 * ARRAY_BYTES, (
+        f"the worker's {len(processes)} processes grew by {grown / MB:.0f} MB for a "
+        f"{ARRAY_BYTES / MB:.0f} MB array"
+    )
+
+
+def test_a_shared_handle_loads_once_per_process_and_is_deleted_at_shutdown(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
+) -> None:
+    table = share(list(range(1_000_000)))  # no big buffer: one in-band pickle, stored once
+    with ClusterExecutor(settings=redis_server) as executor:
+        first = list(executor.map(work.identity_in_process, [table] * 40, range(40)))
+        second = list(executor.map(functools.partial(work.identity_in_process, table), range(40)))
+        owner = executor._dispatcher.id
+        keys = _shared_keys(redis_client, owner)
+        ttls = [redis_client.ttl(key) for key in keys]
+    assert all(length == 1_000_000 for _, _, length in first + second)
+    loaded: dict[int, set[int]] = {}
+    for pid, obj_id, _ in first + second:
+        loaded.setdefault(pid, set()).add(obj_id)
+    assert all(len(ids) == 1 for ids in loaded.values()), loaded
+    assert len(keys) == 1
+    assert all(0 < ttl <= redis_server.shared_expires for ttl in ttls)
+    assert _shared_keys(redis_client, owner) == []
+
+
+def test_shared_data_over_the_clients_budget_fails_saying_what_to_do(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    settings = replace(redis_server, shared_max_bytes=2 * MB)
+    array = np.ones(4 * MB // 8)
+    with ClusterExecutor(settings=settings) as executor:
+        with pytest.raises(PayloadTooLarge, match="SHARED_MAX_BYTES"):
+            executor.submit(work.total_plus, array, 0).result(timeout=30)
+        assert executor.submit(work.total_plus, np.ones(8), 1).result(timeout=30)[0] == 9.0
+
+
+def test_shared_data_altered_in_redis_or_on_the_host_is_never_unpickled(
+    redis_server: Settings, redis_client: redis.Redis, tripwire: Tripwire, tmp_path: Path
+) -> None:
+    signer = Signer(redis_server.secret)
+    owner = uuid.uuid4().hex
+    store = SharedStore(redis_client, owner, min_bytes=1024, max_bytes=100 * MB, expires=60)
+    array = np.arange(100_000, dtype=np.int64)
+    blob = store.dumps(signer, ([(work.total_plus, (array, tripwire), None)], None), Memo())
+    (key,) = _shared_keys(redis_client, owner)
+    original = redis_client.get(key)
+    assert isinstance(original, bytes) and len(original) == array.nbytes
+    altered = bytearray(original)
+    altered[-1] ^= 1
+    redis_client.set(key, bytes(altered))
+    host = tmp_path / "host"
+    host.mkdir()
+    with pytest.raises(SignatureError):
+        HostCache(host, 60).loads(signer, blob, redis_client)
+    assert not tripwire.fired
+    assert not list(host.glob("[0-9a-f]*[0-9a-f]")), "an unverified copy was kept"
+
+    redis_client.set(key, original)
+    (calls, _) = HostCache(host, 60).loads(signer, blob, redis_client)  # verified: loads
+    assert tripwire.fired
+    tripwire.path.unlink()
+    assert np.array_equal(calls[0][1][0], array)
+    (copy,) = host.glob("[0-9a-f]*[0-9a-f]")
+    data = bytearray(copy.read_bytes())
+    data[0] ^= 1
+    copy.write_bytes(bytes(data))
+    with pytest.raises(SignatureError):  # another process of the host checks before use
+        HostCache(host, 60).loads(signer, blob, redis_client)
+    assert not tripwire.fired
+    store.release()
+    assert _shared_keys(redis_client, owner) == []
