@@ -22,7 +22,7 @@ import pickle
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import cloudpickle
 import redis
@@ -30,6 +30,8 @@ import redis
 from taskstack.errors import PayloadTooLarge
 from taskstack.sharing import STORING, Ref, Shared, blob_key, frame
 from taskstack.signing import Signer
+
+UPLOAD_PIECE: Final = 4 * 1024 * 1024
 
 
 @dataclass
@@ -131,7 +133,13 @@ class SharedStore:
                 "raise SHARED_MAX_BYTES (Redis must have the memory), or shut down "
                 "executors whose shared data is no longer needed"
             )
-        self.redis.set(blob_key(self.owner, digest), view, ex=self.expires)
+        key = blob_key(self.owner, digest)
+        # In pieces, pipelined: faster than one SET, and neither side buffers it whole.
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, view[:UPLOAD_PIECE], ex=self.expires)
+            for start in range(UPLOAD_PIECE, size, UPLOAD_PIECE):
+                pipe.append(key, view[start : start + UPLOAD_PIECE])
+            pipe.execute()
         self._stored[digest] = (size, time.monotonic())
         self.stored_bytes += size
         return digest, size

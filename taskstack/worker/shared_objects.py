@@ -31,6 +31,8 @@ from taskstack.errors import SignatureError
 from taskstack.sharing import RESOLVING, blob_key, unframe
 from taskstack.signing import Signer
 
+FETCH_PIECE: Final = 4 * 1024 * 1024
+"""Bytes fetched per ``GETRANGE``: a big object never sits whole in a process's heap."""
 KEEP_PER_PROCESS: Final = 16
 """Mapped files and loaded shared objects a process keeps at hand (least recent dropped)."""
 
@@ -100,20 +102,12 @@ class HostCache:
             fcntl.flock(lock, fcntl.LOCK_EX)  # held for one bounded fetch at most
             if path.exists():
                 return False
-            data = client.get(blob_key(owner, digest))
-            if data is None:
-                raise LookupError(
-                    f"shared data {digest.hex()[:12]} is no longer in Redis: its client shut "
-                    "down, or it went unused for SHARED_EXPIRES seconds"
-                )
-            assert isinstance(data, bytes)
-            if len(data) != size or hashlib.sha256(data).digest() != digest:
-                raise SignatureError(
-                    f"shared data {digest.hex()[:12]} fetched from Redis does not match the "
-                    "digest its signed batch names; it was not unpickled"
-                )
             tmp = self.directory / f".{digest.hex()}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
+            try:
+                _download(client, blob_key(owner, digest), digest, size, tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             os.replace(tmp, path)
             self.fetched += 1
         self._sweep()
@@ -126,6 +120,32 @@ class HostCache:
             with contextlib.suppress(OSError):
                 if entry.stat().st_mtime < cutoff:
                     entry.unlink()
+
+
+def _download(client: redis.Redis, key: str, digest: bytes, size: int, path: Path) -> None:
+    """Copy ``key`` to ``path`` in pieces (no second whole copy in this process's heap),
+    checking its SHA-256 on the way."""
+    if client.strlen(key) == 0:
+        raise LookupError(
+            f"shared data {digest.hex()[:12]} is no longer in Redis: its client shut "
+            "down, or it went unused for SHARED_EXPIRES seconds"
+        )
+    hasher = hashlib.sha256()
+    written = 0
+    with open(path, "wb") as file:
+        while written < size:
+            piece = client.getrange(key, written, min(written + FETCH_PIECE, size) - 1)
+            assert isinstance(piece, bytes)
+            if not piece:
+                break
+            hasher.update(piece)
+            file.write(piece)
+            written += len(piece)
+    if written != size or client.strlen(key) != size or hasher.digest() != digest:
+        raise SignatureError(
+            f"shared data {digest.hex()[:12]} fetched from Redis does not match the "
+            "digest its signed batch names; it was not unpickled"
+        )
 
 
 def _map(path: Path) -> memoryview:
