@@ -56,7 +56,13 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_stack import Stack, private_stack, running_stack, worker_pss
+from scripts.bench_stack import (
+    Stack,
+    argument_parser,
+    private_stack,
+    running_stack,
+    worker_pss,
+)
 from tasks.compute import noop, spin
 from taskstack import JOBLIB_BACKEND, ClusterExecutor, Pool, Settings, names
 from taskstack.app import create_app
@@ -478,11 +484,8 @@ def _names(raw: str, known: dict[str, Any], what: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     add = parser.add_argument
-    add("--processes", type=int, default=2, help="worker processes and local pool size")
     add("--tiny", type=int, default=20_000, help="items in the ~0.1 ms workload")
     add("--large", type=int, default=400, help="items in the ~10 ms workload")
     add("--shared-calls", type=int, default=1000, help="calls in the shared-array workload")
@@ -494,8 +497,6 @@ def main() -> None:
     add("--methods", default="", help="comma-separated subset of the method names")
     add("--probes", default="", help=f"comma-separated subset of {list(PROBES)}; 'none' for none")
     add("--fresh-worker", action="store_true", help="restart the worker before each cluster method")
-    add("--use-running", action="store_true", help="measure the stack REDIS_URL names instead")
-    add("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args()
     methods = [METHODS[n] for n in _names(args.methods, METHODS, "method")]
     workloads = [WORKLOADS[n](args) for n in _names(args.workloads, WORKLOADS, "workload")]

@@ -6,6 +6,7 @@ between methods (``--fresh-worker``), and its processes' memory read.
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import shutil
@@ -26,6 +27,18 @@ from taskstack import Settings, names
 from taskstack.app import create_app
 from taskstack.capacity import capacity
 from taskstack.services.local import redis_command, worker_command, write_redis_config
+
+
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser, with the options every one of them takes."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--processes", type=int, default=2, help="worker processes (and local pool size)")
+    add("--use-running", action="store_true", help="measure the stack REDIS_URL names instead")
+    add("--out", type=Path, default=Path("docs/benchmarks"), help="where to write the results")
+    return parser
 
 
 @dataclass

@@ -25,7 +25,6 @@ model built on it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import sys
@@ -37,7 +36,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_stack import private_stack, running_stack
+from scripts.bench_stack import argument_parser, private_stack, running_stack
 from tasks.compute import noop
 from taskstack import ClusterExecutor, Settings
 
@@ -156,17 +155,12 @@ def step(what: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     add = parser.add_argument
-    add("--processes", type=int, default=2, help="worker processes of the private stack")
     add("--batches", type=int, default=1000, help="batches in the one-call-per-batch map")
     add("--clients", type=int, default=4, help="client processes in the load phase")
     add("--load-chunksize", type=int, default=1, help="calls per batch in the load phase")
     add("--seconds", type=float, default=10, help="duration of the load phase")
-    add("--use-running", action="store_true", help="measure the stack REDIS_URL names")
-    add("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args()
 
     stack_cm = running_stack() if args.use_running else private_stack(args.processes)

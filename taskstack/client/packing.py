@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Final
 
 import cloudpickle
+import redis
 
 from taskstack import names
 from taskstack.client.sharing import Memo, SharedStore
@@ -54,7 +55,7 @@ def pack(
 
     try:
         blob = dumps((calls, setup))
-    except PayloadTooLarge:
+    except (PayloadTooLarge, redis.RedisError):  # over the budget, or storing failed
         raise
     except Exception:
         if setup is not None:
