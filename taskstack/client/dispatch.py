@@ -78,14 +78,7 @@ class Dispatcher:
         except redis.RedisError as exc:
             self.redis.close()
             raise ConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
-        shared = shared or Settings()
-        self.store = SharedStore(
-            self.redis,
-            self.id,
-            min_bytes=shared.shared_min_bytes,
-            max_bytes=shared.shared_max_bytes,
-            expires=shared.shared_expires,
-        )
+        self.store = SharedStore.configured(self.redis, self.id, shared or Settings())
         self._cv = threading.Condition()
         self._pending: deque[Submitted | MapJob] = deque()
         self._inflight: dict[str, InFlight] = {}

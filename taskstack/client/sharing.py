@@ -28,6 +28,7 @@ import cloudpickle
 import redis
 
 from taskstack.errors import PayloadTooLarge
+from taskstack.settings import Settings
 from taskstack.sharing import STORING, Ref, Shared, blob_key, frame
 from taskstack.signing import Signer
 
@@ -65,6 +66,17 @@ class SharedStore:
         """digest -> (size, when its expiry was last renewed)."""
         self._handles: dict[int, tuple[Shared[Any], Ref]] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def configured(cls, client: redis.Redis, owner: str, settings: Settings) -> SharedStore:
+        """A store with the ``SHARED_*`` limits of ``settings``."""
+        return cls(
+            client,
+            owner,
+            min_bytes=settings.shared_min_bytes,
+            max_bytes=settings.shared_max_bytes,
+            expires=settings.shared_expires,
+        )
 
     def dumps(self, signer: Signer, obj: object, memo: Memo) -> bytes:
         """``obj`` signed, its big buffers and shared handles stored apart."""

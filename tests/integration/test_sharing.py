@@ -87,6 +87,18 @@ def test_a_shared_handle_loads_once_per_process_and_is_deleted_at_shutdown(
     assert _shared_keys(redis_client, owner) == []
 
 
+def test_an_array_changed_between_two_maps_arrives_changed(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    array = np.zeros(2 * MB // 8)
+    with ClusterExecutor(settings=redis_server) as executor:
+        first = [t for t, _ in executor.map(functools.partial(work.total_plus, array), range(4))]
+        array += 1  # in place: the same object, other contents
+        second = [t for t, _ in executor.map(functools.partial(work.total_plus, array), range(4))]
+    assert first == [0.0, 1.0, 2.0, 3.0]
+    assert second == [array.size + i for i in range(4)]
+
+
 def test_shared_data_over_the_clients_budget_fails_saying_what_to_do(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:
