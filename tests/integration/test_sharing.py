@@ -22,7 +22,7 @@ from taskstack.settings import Settings
 from taskstack.signing import Signer
 from taskstack.worker.shared_objects import HostCache
 from tests.integration import work
-from tests.support import Tripwire, Worker, child_pids, pss_bytes, redis_traffic
+from tests.support import Tripwire, Worker, child_pids, pss_bytes, redis_traffic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -145,3 +145,25 @@ def test_shared_data_altered_in_redis_or_on_the_host_is_never_unpickled(
     assert not tripwire.fired
     store.release()
     assert _shared_keys(redis_client, owner) == []
+
+
+def test_shared_data_gone_from_redis_is_stored_again_when_next_used(
+    redis_server: Settings, redis_client: redis.Redis
+) -> None:
+    signer = Signer(redis_server.secret)
+    owner = uuid.uuid4().hex
+    # Renewed once a quarter of its 1 s expiry ran out: the store then finds it gone.
+    store = SharedStore(redis_client, owner, min_bytes=1024, max_bytes=100 * MB, expires=1)
+    array = np.arange(100_000, dtype=np.int64)
+    memo = Memo()
+    store.dumps(signer, array, memo)
+    (key,) = _shared_keys(redis_client, owner)
+    redis_client.delete(key)  # evicted, or expired while the client slept
+    wait_for(
+        lambda: store.dumps(signer, array, memo) and redis_client.exists(key),
+        10,
+        "the store to notice and store the array again",
+    )
+    assert redis_client.get(key) == array.tobytes()
+    assert store.stored_bytes == array.nbytes
+    store.release()
