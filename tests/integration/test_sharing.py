@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,6 +87,33 @@ def test_a_shared_handle_loads_once_per_process_and_is_deleted_at_shutdown(
     assert len(keys) == 1
     assert all(0 < ttl <= redis_server.shared_expires for ttl in ttls)
     assert _shared_keys(redis_client, owner) == []
+
+
+def _closure_over(array: np.ndarray[Any, Any]) -> Callable[[int], float]:
+    def total_plus(i: int) -> float:  # nested: pickled by value, the array in its cell
+        return float(array.sum()) + i
+
+    return total_plus
+
+
+def test_a_closure_or_a_repeated_argument_sends_its_array_once(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
+) -> None:
+    array = np.random.default_rng().random(4 * MB // 8)
+    expected = [float(array.sum()) + i for i in range(200)]
+    with ClusterExecutor(settings=redis_server) as executor:
+        before = redis_traffic(redis_client)[0]
+        closure = list(executor.map(_closure_over(array), range(200), chunksize=10))
+        closure_in = redis_traffic(redis_client)[0] - before
+        array = array.copy()  # another object: hashed and sent anew
+        before = redis_traffic(redis_client)[0]
+        repeated = list(executor.map(work.total_plus, [array] * 200, range(200), chunksize=10))
+        repeated_in = redis_traffic(redis_client)[0] - before
+    assert closure == pytest.approx(expected)
+    assert [total for total, _ in repeated] == pytest.approx(expected)
+    # 20 batches each: sent per batch, the array would be 80 MB into Redis.
+    assert closure_in < 1.5 * array.nbytes, f"{closure_in / MB:.1f} MB into Redis"
+    assert repeated_in < 1.5 * array.nbytes, f"{repeated_in / MB:.1f} MB into Redis"
 
 
 def test_an_array_changed_between_two_maps_arrives_changed(
