@@ -447,30 +447,46 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     workloads = report["workloads"]
     methods = sorted({m for w in workloads.values() for m in w["methods"]}, key=list(METHODS).index)
-    fig, ax = plt.subplots(figsize=(13, 5))
+    latency = report.get("latency")
+    fig, axes = plt.subplots(
+        1,
+        2 if latency else 1,
+        figsize=(15, 5),
+        squeeze=False,
+        width_ratios=[4, 1][: 1 + bool(latency)],
+    )
+    ax = axes[0][0]
     width = 0.8 / max(1, len(workloads))
     for i, data in enumerate(workloads.values()):
-        rows = data["methods"]
-        xs = [m + i * width for m, name in enumerate(methods) if name in rows]
-        speeds = [rows[n]["vs_best_local"] for n in methods if n in rows]
+        rows = {n: r for n, r in data["methods"].items() if "vs_best_local" in r}
+        shown = [n for n in methods if n in rows]
+        speed = [rows[n]["vs_best_local"] for n in shown]
         low = [
-            rows[n]["vs_best_local"] * (1 - rows[n]["median_s"] / rows[n]["max_s"])
-            for n in methods
-            if n in rows
+            s * (1 - rows[n]["median_s"] / rows[n]["max_s"])
+            for s, n in zip(speed, shown, strict=True)
         ]
         high = [
-            rows[n]["vs_best_local"] * (rows[n]["median_s"] / rows[n]["min_s"] - 1)
-            for n in methods
-            if n in rows
+            s * (rows[n]["median_s"] / rows[n]["min_s"] - 1)
+            for s, n in zip(speed, shown, strict=True)
         ]
-        ax.bar(xs, speeds, width, yerr=[low, high], capsize=2, label=data["title"])
+        xs = [methods.index(n) + i * width for n in shown]
+        ax.bar(xs, speed, width, yerr=[low, high], capsize=2, label=data["title"])
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_yscale("log")
     ax.set_xticks([m + width * (len(workloads) - 1) / 2 for m in range(len(methods))])
     ax.set_xticklabels(methods, rotation=25, ha="right")
-    ax.set_ylabel("speed vs best local (Pool or loky), median, min-max")
+    ax.set_ylabel("speed vs best local (Pool or loky): median, min-max")
     ax.set_title(f"{report['setup']['processes']} worker processes")
     ax.legend()
+    if latency:
+        lat = axes[0][1]
+        calls = list(latency)
+        lat.bar([0, 1], [latency[c]["p50_ms"] for c in calls], 0.4, label="p50")
+        lat.bar([0.4, 1.4], [latency[c]["p99_ms"] for c in calls], 0.4, label="p99")
+        lat.set_xticks([0.2, 1.2])
+        lat.set_xticklabels([c.replace(" ", "\n", 1) for c in calls])
+        lat.set_ylabel("single call round trip (ms)")
+        lat.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
