@@ -109,6 +109,8 @@ class Sender:
                     queue=d.queue,
                     producer=producer,
                     retry=False,
+                    # Outcomes come by the reply list: no result-backend subscription.
+                    ignore_result=True,
                     argsrepr="()",
                     kwargsrepr=described,
                 )
