@@ -146,7 +146,7 @@ class SharedStore:
                 "executors whose shared data is no longer needed"
             )
         key = blob_key(self.owner, digest)
-        # In pieces, pipelined: faster than one SET, and neither side buffers it whole.
+        # In pieces, pipelined: no whole copy of it is made in this process.
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(key, view[:UPLOAD_PIECE], ex=self.expires)
             for start in range(UPLOAD_PIECE, size, UPLOAD_PIECE):

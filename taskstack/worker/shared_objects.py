@@ -86,8 +86,13 @@ class HostCache:
             return self._maps[digest]
         path = self.directory / digest.hex()
         wrote = not path.exists() and self._fetch(client, owner, digest, size, path)
-        view = _map(path)
+        try:
+            view = _map(path)
+        except FileNotFoundError:  # swept in between: unused for SHARED_EXPIRES
+            wrote = self._fetch(client, owner, digest, size, path)
+            view = _map(path)
         if not wrote and (len(view) != size or hashlib.sha256(view).digest() != digest):
+            path.unlink(missing_ok=True)  # the next batch fetches it anew
             raise SignatureError(f"the host's copy of shared data {digest.hex()} is corrupt")
         with contextlib.suppress(OSError):
             os.utime(path)  # in use: not swept

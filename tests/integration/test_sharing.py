@@ -172,6 +172,9 @@ def test_shared_data_altered_in_redis_or_on_the_host_is_never_unpickled(
     with pytest.raises(SignatureError):  # another process of the host checks before use
         HostCache(host, 60).loads(signer, blob, redis_client)
     assert not tripwire.fired
+    assert not copy.exists(), "the corrupt copy was kept"
+    HostCache(host, 60).loads(signer, blob, redis_client)  # fetched anew, verified
+    assert tripwire.fired and copy.read_bytes() == original
     store.release()
     assert _shared_keys(redis_client, owner) == []
 
