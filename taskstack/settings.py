@@ -53,7 +53,8 @@ class Settings:
     max_tasks_per_child: int = 1000
     """A prefork child is replaced after this many tasks (guards against leaks)."""
     max_memory_per_child: int = 512_000
-    """A prefork child is replaced once its resident memory exceeds this many KiB."""
+    """A prefork child is replaced once its resident memory exceeds this many KiB (the shared
+    data it maps counts: keep this above the largest shared array)."""
     max_payload_bytes: int = 16 * 1024 * 1024
     """Largest signed batch (functions, arguments) a client sends or a worker accepts."""
     shared_min_bytes: int = 1024 * 1024
