@@ -33,6 +33,8 @@ from taskstack.sharing import STORING, Ref, Shared, blob_key, frame
 from taskstack.signing import Signer
 
 UPLOAD_PIECE: Final = 4 * 1024 * 1024
+LARGEST_BUFFER: Final = 512 * 1024 * 1024
+"""Redis's largest string (its default ``proto-max-bulk-len``)."""
 
 
 @dataclass
@@ -138,6 +140,11 @@ class SharedStore:
         size = view.nbytes
         if self._renew(digest, size):
             return digest, size
+        if size > LARGEST_BUFFER:
+            raise PayloadTooLarge(
+                f"a buffer of {size:,} bytes is over {LARGEST_BUFFER:,}, the largest value Redis "
+                "stores: split the array into parts and pass those"
+            )
         if self.stored_bytes + size > self.max_bytes:
             raise PayloadTooLarge(
                 f"storing {size:,} more bytes of shared data would take this client past "
