@@ -1,17 +1,33 @@
 #!/usr/bin/env python3
-"""Cluster executor, Pool and joblib backend against their local counterparts.
+"""Cluster executor, Pool and joblib backend against their local counterparts and Dask.
 
-One run, one machine, the same worker processes for every cluster method:
+One invocation, one machine:
 
     python scripts/bench.py                      # starts a private redis-server + cpu worker
+    python scripts/bench.py --repeat 1 --tiny 2000 --large 40 --shared-calls 100   # quick
+    python scripts/bench.py --workloads shared --methods "joblib (loky),ClusterExecutor.map"
     REDIS_URL=redis://:pw@host:6379/0 TASKSTACK_SECRET=... python scripts/bench.py --use-running
 
-Workloads: many tiny items (~0.1 ms each) and fewer larger ones (~10 ms each),
-as ``serial``, ``multiprocessing.Pool``, ``ProcessPoolExecutor``, joblib (loky),
+Workloads (``WORKLOADS``): many tiny items (~0.1 ms each), fewer larger ones
+(~10 ms each), and a map of 1,000 calls that all read one 50 MB NumPy array
+(``functools.partial``). Methods (``METHODS``): serial, ``multiprocessing.Pool``,
+``ProcessPoolExecutor``, joblib (loky), Dask ``LocalCluster`` ``client.map``,
 plain Celery (one task per item), and this project's ``ClusterExecutor``,
-``Pool`` and joblib backend; then 5,000 individually submitted no-op calls and
-the round-trip latency of a single call. Efficiency = serial time /
-(processes x parallel time). Prints a table, writes JSON and a PNG plot.
+``Pool`` and joblib backend; then individually submitted no-op calls and the
+round-trip latency of a single call (``PROBES``).
+
+Order does not pick the winner: every repetition runs every method, in an
+order rotated by one per repetition, so each method follows each other alike;
+``--fresh-worker`` also restarts the worker before each cluster method. The
+table shows the median and the spread (min-max) of the repetitions.
+Efficiency = serial time / (processes x time); "vs best local" = the best of
+``multiprocessing.Pool`` and loky's time / the method's. For the shared array,
+the table adds the bytes that went through Redis per map and how much the
+worker's processes grew (their proportional set size, private stack only).
+Prints a table, writes JSON and a PNG plot.
+
+A method is a context manager registered with :func:`method`: it sets up
+(pools, clients; untimed) and yields a function that runs one workload.
 """
 
 from __future__ import annotations
@@ -23,29 +39,65 @@ import multiprocessing
 import os
 import platform
 import secrets
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import celery
 import joblib
+import numpy as np
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.bench_stack import (
+    Stack,
+    argument_parser,
+    private_stack,
+    running_stack,
+    worker_pss,
+)
 from tasks.compute import noop, spin
 from taskstack import JOBLIB_BACKEND, ClusterExecutor, Pool, Settings, names
 from taskstack.app import create_app
-from taskstack.capacity import capacity
-from taskstack.services.local import redis_command, worker_command, write_redis_config
+
+Runner = Callable[["Workload"], list[Any]]
+
+
+# -- workloads ----------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """One map to time: ``fn`` over ``items``, whose results must equal ``expected``."""
+
+    name: str
+    title: str
+    fn: Callable[[Any], Any]
+    items: list[Any]
+    expected: list[Any]
+    array: np.ndarray[Any, Any] | None = None
+    """The big array every call reads, when there is one."""
+
+    def fresh(self, run: int) -> Workload:
+        """This workload with an array of its own for ``run``: nothing cached from earlier runs."""
+        if self.array is None:
+            return self
+        array = self.array.copy()
+        array[0] = run
+        fn = functools.partial(strided_sum, array)
+        expected = [fn(item) for item in self.items]
+        return Workload(self.name, self.title, fn, self.items, expected, array)
+
+    def check(self, got: list[Any]) -> None:
+        if len(got) != len(self.expected) or not np.allclose(got, self.expected):
+            raise SystemExit(f"bench: a method returned wrong results for {self.title}")
 
 
 def calibrate(seconds: float) -> int:
@@ -57,159 +109,247 @@ def calibrate(seconds: float) -> int:
     return max(1, round(seconds / per_iteration))
 
 
-@contextmanager
-def private_stack(processes: int) -> Iterator[Settings]:
-    """A throwaway redis-server and one prefork worker of ``processes`` processes."""
-    tmp = Path(tempfile.mkdtemp(prefix="taskstack-bench-"))
-    with socket_port() as port:
-        pass
-    settings = Settings(
-        redis_url=f"redis://:{secrets.token_urlsafe(12)}@127.0.0.1:{port}/0",
-        secret=secrets.token_urlsafe(32),
-        cpu_concurrency=processes,
+def spin_workload(name: str, count: int, seconds: float) -> Workload:
+    n = calibrate(seconds)
+    return Workload(
+        name, f"{count:,} x {seconds * 1000:g} ms", spin, [n] * count, [spin(n)] * count
     )
-    env = dict(
-        os.environ,
-        REDIS_URL=settings.redis_url,
-        TASKSTACK_SECRET=settings.secret,
-        WORKER_CPU_CONCURRENCY=str(processes),
+
+
+def strided_sum(array: np.ndarray[Any, Any], i: int) -> float:
+    """Reads every other page of ``array``: the work each call of the shared workload does."""
+    return float(array[i % 997 :: 997].sum())
+
+
+def shared_workload(calls: int, megabytes: int) -> Workload:
+    array = np.random.default_rng(0).random(megabytes * 1024 * 1024 // 8)
+    items = list(range(calls))
+    return Workload(
+        "shared",
+        f"{calls:,} calls x {megabytes} MB array",
+        functools.partial(strided_sum, array),
+        items,
+        [strided_sum(array, i) for i in items],
+        array,
     )
-    log = (tmp / "stack.log").open("wb")
-    children = [
-        subprocess.Popen(
-            redis_command(write_redis_config(settings, tmp)), stdout=log, stderr=subprocess.STDOUT
-        )
-    ]
-    client = redis.Redis.from_url(settings.redis_url)
-    try:
-        wait(client.ping, "redis-server")
-        children.append(
-            subprocess.Popen(
-                [*worker_command("cpu", f"bench-{port}"), "--loglevel=WARNING"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        wait(lambda: capacity(client, names.CPU_QUEUE).processes >= processes, "the cpu worker")
-        yield settings
-    finally:
-        for child in reversed(children):  # the worker first: it hands work back to Redis
-            child.terminate()
-            try:
-                child.wait(60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                log.flush()
-                tail = (tmp / "stack.log").read_text(errors="replace").splitlines()[-30:]
-                print(
-                    f"bench: {program(child)} ignored SIGTERM; its log ends:",
-                    *tail,
-                    sep="\n",
-                    file=sys.stderr,
-                )
-        client.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def program(child: subprocess.Popen[bytes]) -> str:
-    """The program a child process runs, for messages."""
-    argv = child.args
-    if isinstance(argv, Sequence) and not isinstance(argv, str | bytes):
-        return os.fsdecode(argv[0])
-    return os.fsdecode(argv)
+WORKLOADS: dict[str, Callable[[argparse.Namespace], Workload]] = {
+    "tiny": lambda args: spin_workload("tiny", args.tiny, 0.0001),
+    "large": lambda args: spin_workload("large", args.large, 0.01),
+    "shared": lambda args: shared_workload(args.shared_calls, args.shared_mb),
+}
 
 
-@contextmanager
-def socket_port() -> Iterator[int]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
+# -- methods ------------------------------------------------------------------------------
 
 
-def wait(condition: Callable[[], Any], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except redis.RedisError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"bench: timed out waiting for {what}")
+@dataclass
+class Bench:
+    """What a method may use: the stack, the process count, the options."""
+
+    stack: Stack
+    processes: int
+    args: argparse.Namespace
+
+    @property
+    def settings(self) -> Settings:
+        return self.stack.settings
 
 
-def spin_each(items: list[int]) -> list[int]:
-    """The serial baseline: :func:`spin` over the items in this process."""
-    return [spin(n) for n in items]
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str
+    """``local``, ``peer`` (Dask) or ``cluster`` (this stack: gets a fresh worker on request)."""
+    open: Callable[[Bench], AbstractContextManager[Runner]]
+    handles: Callable[[Workload], bool]
 
 
-def timed(run: Callable[[], list[Any]], expected: list[Any], repeat: int) -> float:
-    """Median wall time of ``run`` over ``repeat`` runs, each checked for correct results."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        got = run()
-        times.append(time.perf_counter() - start)
-        if got != expected:
-            raise SystemExit("bench: a method returned wrong results")
-    return statistics.median(times)
+METHODS: dict[str, Method] = {}
 
 
-@contextmanager
-def map_methods(
-    settings: Settings, processes: int
-) -> Iterator[dict[str, Callable[[list[int]], list[Any]]]]:
-    """Each method maps ``spin`` over a list of iteration counts, pools already warm."""
+def method(
+    name: str, kind: str, handles: Callable[[Workload], bool] = lambda w: True
+) -> Callable[[Callable[[Bench], Iterator[Runner]]], None]:
+    """Register a method: a generator that sets up, yields a runner, and tears down."""
+
+    def register(fn: Callable[[Bench], Iterator[Runner]]) -> None:
+        METHODS[name] = Method(name, kind, contextmanager(fn), handles)
+
+    return register
+
+
+def no_array(workload: Workload) -> bool:
+    return workload.array is None
+
+
+@method("serial", "local")
+def serial(bench: Bench) -> Iterator[Runner]:
+    yield lambda w: [w.fn(item) for item in w.items]
+
+
+@method("multiprocessing.Pool", "local")
+def mp_pool(bench: Bench) -> Iterator[Runner]:
+    with multiprocessing.get_context("fork").Pool(bench.processes) as pool:
+        pool.map(noop, range(bench.processes * 4))
+        yield lambda w: pool.map(w.fn, w.items)
+
+
+# chunksize=1 (its default) pickles the array once per call: 50 GB for the shared map.
+@method("ProcessPoolExecutor", "local", handles=no_array)
+def process_pool(bench: Bench) -> Iterator[Runner]:
     fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(bench.processes, mp_context=fork) as ppe:
+        list(ppe.map(noop, range(bench.processes * 4)))
+        yield lambda w: list(ppe.map(w.fn, w.items))
+
+
+@method("joblib (loky)", "local")
+def loky(bench: Bench) -> Iterator[Runner]:
+    with joblib.Parallel(n_jobs=bench.processes) as parallel:
+        parallel(joblib.delayed(noop)(i) for i in range(bench.processes * 4))
+        yield lambda w: list(parallel(joblib.delayed(w.fn)(item) for item in w.items))
+
+
+@method("Dask LocalCluster client.map", "peer")
+def dask(bench: Bench) -> Iterator[Runner]:
+    from distributed import Client, LocalCluster
+
     with (
-        fork.Pool(processes) as mp_pool,
-        ProcessPoolExecutor(processes, mp_context=fork) as ppe,
-        ClusterExecutor(settings=settings) as executor,
-        Pool(settings=settings) as pool,
+        LocalCluster(
+            n_workers=bench.processes,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
     ):
-        app = create_app(settings)
-        list(ppe.map(noop, range(processes * 4)))
-        executor.submit(noop).result()
-        try:
-            yield _map_methods(settings, processes, mp_pool, ppe, executor, pool, app)
-        finally:
-            app.close()
+        client.gather(client.map(noop, range(bench.processes * 4)))
+
+        def run(w: Workload) -> list[Any]:
+            if w.array is None:
+                return list(client.gather(client.map(w.fn, w.items, pure=False)))
+            # Dask's own advice for large arguments: scatter them, then pass the future.
+            [array] = client.scatter([w.array], broadcast=True)
+            futures = client.map(strided_sum, [array] * len(w.items), w.items, pure=False)
+            return list(client.gather(futures))
+
+        yield run
 
 
-def _map_methods(
-    settings: Settings,
-    processes: int,
-    mp_pool: Any,
-    ppe: ProcessPoolExecutor,
-    executor: ClusterExecutor,
-    pool: Pool,
-    app: celery.Celery,
-) -> dict[str, Callable[[list[int]], list[Any]]]:
+@method("plain Celery, task per item", "cluster", handles=no_array)
+def plain_celery(bench: Bench) -> Iterator[Runner]:
+    app = create_app(bench.settings)
+    try:
 
-    def loky(items: list[int]) -> list[Any]:
-        return list(joblib.Parallel(n_jobs=processes)(joblib.delayed(spin)(n) for n in items))
+        def run(w: Workload) -> list[Any]:
+            results = [app.send_task(names.SPIN, (n,)) for n in w.items]
+            return [r.get(timeout=600) for r in results]
 
-    def cluster_joblib(items: list[int]) -> list[Any]:
-        with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=settings):
-            return list(joblib.Parallel(n_jobs=-1)(joblib.delayed(spin)(n) for n in items))
+        yield run
+    finally:
+        app.close()
 
-    def plain_celery(items: list[int]) -> list[Any]:
-        results = [app.send_task(names.SPIN, (n,)) for n in items]
-        return [r.get(timeout=600) for r in results]
 
-    loky([1] * processes * 4)
-    return {
-        "multiprocessing.Pool": lambda items: mp_pool.map(spin, items),
-        "ProcessPoolExecutor": lambda items: list(ppe.map(spin, items)),
-        "joblib (loky)": loky,
-        "plain Celery, task per item": plain_celery,
-        "ClusterExecutor.map": lambda items: list(executor.map(spin, items)),
-        "cluster Pool.map": lambda items: pool.map(spin, items),
-        "cluster joblib backend": cluster_joblib,
-    }
+@method("ClusterExecutor.map", "cluster")
+def cluster_executor(bench: Bench) -> Iterator[Runner]:
+    with ClusterExecutor(settings=bench.settings) as executor:
+        executor.submit(noop).result(timeout=60)
+        yield lambda w: list(executor.map(w.fn, w.items))
+
+
+@method("cluster Pool.map", "cluster")
+def cluster_pool(bench: Bench) -> Iterator[Runner]:
+    with Pool(settings=bench.settings) as pool:
+        pool.apply(noop)
+        yield lambda w: pool.map(w.fn, w.items)
+
+
+@method("cluster joblib backend", "cluster")
+def cluster_joblib(bench: Bench) -> Iterator[Runner]:
+    with (
+        joblib.parallel_config(backend=JOBLIB_BACKEND, settings=bench.settings),
+        joblib.Parallel(n_jobs=-1) as parallel,
+    ):
+        parallel(joblib.delayed(noop)(i) for i in range(bench.processes * 4))
+        yield lambda w: list(parallel(joblib.delayed(w.fn)(item) for item in w.items))
+
+
+# -- measuring ----------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    seconds: list[float] = field(default_factory=list)
+    redis_bytes: list[int] = field(default_factory=list)
+    worker_growth: list[int] = field(default_factory=list)
+
+
+def measure(
+    bench: Bench, methods: list[Method], workloads: list[Workload]
+) -> dict[str, dict[str, Measured]]:
+    """Every method on every workload it handles, ``repeat`` times, in rotating order."""
+    out: dict[str, dict[str, Measured]] = {w.name: {} for w in workloads}
+    client = redis.Redis.from_url(bench.settings.redis_url)
+    runs = 0
+    for rep in range(bench.args.repeat):
+        shift = rep % len(methods)
+        for m in methods[shift:] + methods[:shift]:
+            todo = [w for w in workloads if m.handles(w)]
+            if not todo:
+                continue
+            if m.kind == "cluster" and bench.args.fresh_worker:
+                bench.stack.restart_worker()
+            with m.open(bench) as run:
+                for workload in todo:
+                    runs += 1
+                    w = workload.fresh(runs)  # a run caches nothing for the next one
+                    print(f"[{rep + 1}/{bench.args.repeat}] {w.title}: {m.name}", file=sys.stderr)
+                    record = out[w.name].setdefault(m.name, Measured())
+                    traffic = _traffic(client)
+                    memory = worker_pss(bench.stack)
+                    start = time.perf_counter()
+                    got = run(w)
+                    record.seconds.append(time.perf_counter() - start)
+                    w.check(got)
+                    if w.array is not None and m.kind == "cluster":
+                        record.redis_bytes.append(_traffic(client) - traffic)
+                        if memory is not None:
+                            record.worker_growth.append((worker_pss(bench.stack) or 0) - memory)
+    client.close()
+    return out
+
+
+def _traffic(client: redis.Redis) -> int:
+    stats = client.info("stats")
+    return int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"])
+
+
+def summarize(measured: dict[str, Measured], processes: int, efficiency: bool) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for name, record in measured.items():
+        rows[name] = {
+            "seconds": record.seconds,
+            "median_s": statistics.median(record.seconds),
+            "min_s": min(record.seconds),
+            "max_s": max(record.seconds),
+        }
+        if record.redis_bytes:
+            rows[name]["redis_mb_per_map"] = statistics.median(record.redis_bytes) / 2**20
+        if record.worker_growth:
+            rows[name]["worker_growth_mb"] = max(record.worker_growth) / 2**20
+    serial = rows.get("serial", {}).get("median_s")
+    local = [rows[m]["median_s"] for m in ("multiprocessing.Pool", "joblib (loky)") if m in rows]
+    for row in rows.values():
+        if serial is not None and efficiency:
+            row["efficiency"] = serial / (processes * row["median_s"])
+        if local:
+            row["vs_best_local"] = min(local) / row["median_s"]
+    return rows
+
+
+# -- probes: calls one at a time ---------------------------------------------------------
 
 
 def submit_rate(settings: Settings, count: int) -> dict[str, float]:
@@ -255,6 +395,50 @@ def latency(settings: Settings, samples: int) -> dict[str, dict[str, float]]:
     return out
 
 
+PROBES: dict[str, Callable[[Bench], Any]] = {
+    "submit_rate_per_s": lambda b: submit_rate(b.settings, b.args.submits),
+    "latency": lambda b: latency(b.settings, b.args.latency_samples),
+}
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def table(report: dict[str, Any]) -> str:
+    setup = report["setup"]
+    lines = [
+        f"Setup: {setup['processes']} worker processes, {setup['stack']}, {setup['cpus']} CPUs, "
+        f"{setup['repeat']} repetition(s) in rotating order"
+        + (", fresh worker per cluster method" if setup["fresh_worker"] else ""),
+    ]
+    for workload in report["workloads"].values():
+        shared = any("redis_mb_per_map" in r for r in workload["methods"].values())
+        head = "| method | median (s) | spread (s) | efficiency | vs best local |"
+        lines += ["", f"{workload['title']}:", "", head + (" Redis MB / map |" if shared else "")]
+        lines.append("|---|---|---|---|---|" + ("---|" if shared else ""))
+        for name, row in workload["methods"].items():
+            cells = [
+                f"{row['median_s']:.2f}",
+                f"{row['min_s']:.2f}-{row['max_s']:.2f}",
+                f"{row['efficiency']:.2f}" if "efficiency" in row else "",
+                f"{row['vs_best_local']:.2f}x" if "vs_best_local" in row else "",
+            ]
+            if shared:
+                mb = row.get("redis_mb_per_map")
+                cells.append("" if mb is None else f"{mb:.0f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "submit_rate_per_s" in report and "latency" in report:
+        lines += [
+            "",
+            "| calls | no-op futures resolved / s | single call p50 (ms) | p99 (ms) |",
+            "|---|---|---|---|",
+        ]
+        for m, rate in report["submit_rate_per_s"].items():
+            lat = report["latency"][m]
+            lines.append(f"| {m} | {rate:,.0f} | {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -262,57 +446,84 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = report["workloads"]
-    methods = list(next(iter(workloads.values()))["efficiency"])
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / len(workloads)
-    for i, (name, data) in enumerate(workloads.items()):
-        xs = [m + i * width for m in range(len(methods))]
-        ax.bar(xs, [data["efficiency"][m] for m in methods], width, label=name)
+    methods = sorted({m for w in workloads.values() for m in w["methods"]}, key=list(METHODS).index)
+    latency = report.get("latency")
+    fig, axes = plt.subplots(
+        1,
+        2 if latency else 1,
+        figsize=(15, 5),
+        squeeze=False,
+        width_ratios=[4, 1][: 1 + bool(latency)],
+    )
+    ax = axes[0][0]
+    width = 0.8 / max(1, len(workloads))
+    for i, data in enumerate(workloads.values()):
+        rows = {n: r for n, r in data["methods"].items() if "vs_best_local" in r}
+        shown = [n for n in methods if n in rows]
+        speed = [rows[n]["vs_best_local"] for n in shown]
+        low = [
+            s * (1 - rows[n]["median_s"] / rows[n]["max_s"])
+            for s, n in zip(speed, shown, strict=True)
+        ]
+        high = [
+            s * (rows[n]["median_s"] / rows[n]["min_s"] - 1)
+            for s, n in zip(speed, shown, strict=True)
+        ]
+        xs = [methods.index(n) + i * width for n in shown]
+        ax.bar(xs, speed, width, yerr=[low, high], capsize=2, label=data["title"])
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
     ax.set_xticks([m + width * (len(workloads) - 1) / 2 for m in range(len(methods))])
     ax.set_xticklabels(methods, rotation=25, ha="right")
-    ax.set_ylabel("efficiency = serial / (processes x time)")
-    ax.set_title(f"map efficiency, {report['setup']['processes']} worker processes")
+    ax.set_ylabel("speed vs best local (Pool or loky): median, min-max")
+    ax.set_title(f"{report['setup']['processes']} worker processes")
     ax.legend()
-    lat = report["latency"]
-    names = list(lat)
-    ax2.bar([0, 1], [lat[n]["p50_ms"] for n in names], 0.4, label="p50")
-    ax2.bar([0.4, 1.4], [lat[n]["p99_ms"] for n in names], 0.4, label="p99")
-    ax2.set_xticks([0.2, 1.2])
-    ax2.set_xticklabels([n.replace(" ", "\n", 1) for n in names])
-    ax2.set_ylabel("single call round trip (ms)")
-    ax2.legend()
+    if latency:
+        lat = axes[0][1]
+        calls = list(latency)
+        lat.bar([0, 1], [latency[c]["p50_ms"] for c in calls], 0.4, label="p50")
+        lat.bar([0.4, 1.4], [latency[c]["p99_ms"] for c in calls], 0.4, label="p99")
+        lat.set_xticks([0.2, 1.2])
+        lat.set_xticklabels([c.replace(" ", "\n", 1) for c in calls])
+        lat.set_ylabel("single call round trip (ms)")
+        lat.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=2,
-        help="worker processes (private stack) and local pool size",
-    )
-    parser.add_argument("--tiny", type=int, default=20_000, help="items in the ~0.1 ms workload")
-    parser.add_argument("--large", type=int, default=400, help="items in the ~10 ms workload")
-    parser.add_argument(
-        "--submits", type=int, default=5_000, help="individually submitted no-op calls"
-    )
-    parser.add_argument("--latency-samples", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per method; the median is kept")
-    parser.add_argument(
-        "--use-running",
-        action="store_true",
-        help="use the stack named by REDIS_URL/TASKSTACK_SECRET instead of a private one",
-    )
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    args = parser.parse_args()
+def _names(raw: str, known: dict[str, Any], what: str) -> list[str]:
+    chosen = [n.strip() for n in raw.split(",") if n.strip()] if raw else list(known)
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        raise SystemExit(f"bench: unknown {what} {unknown}; known: {list(known)}")
+    return chosen
 
-    with nullcontext_settings() if args.use_running else private_stack(args.processes) as settings:
-        report = run(settings, args)
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    add = parser.add_argument
+    add("--tiny", type=int, default=20_000, help="items in the ~0.1 ms workload")
+    add("--large", type=int, default=400, help="items in the ~10 ms workload")
+    add("--shared-calls", type=int, default=1000, help="calls in the shared-array workload")
+    add("--shared-mb", type=int, default=50, help="size of the shared array")
+    add("--submits", type=int, default=5_000, help="individually submitted no-op calls")
+    add("--latency-samples", type=int, default=300)
+    add("--repeat", type=int, default=3, help="repetitions; each runs every method once")
+    add("--workloads", default="", help=f"comma-separated subset of {list(WORKLOADS)}")
+    add("--methods", default="", help="comma-separated subset of the method names")
+    add("--probes", default="", help=f"comma-separated subset of {list(PROBES)}; 'none' for none")
+    add("--fresh-worker", action="store_true", help="restart the worker before each cluster method")
+    args = parser.parse_args()
+    methods = [METHODS[n] for n in _names(args.methods, METHODS, "method")]
+    workloads = [WORKLOADS[n](args) for n in _names(args.workloads, WORKLOADS, "workload")]
+    probes = [] if args.probes == "none" else _names(args.probes, PROBES, "probe")
+    if args.use_running and args.fresh_worker:
+        raise SystemExit("bench: --fresh-worker restarts the private stack's worker only")
+
+    stack_cm = running_stack() if args.use_running else private_stack(args.processes)
+    with stack_cm as stack:
+        bench = Bench(stack, stack.processes or args.processes, args)
+        report = run(bench, methods, workloads, probes)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / "bench.png")
@@ -320,108 +531,37 @@ def main() -> None:
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
 
 
-@contextmanager
-def nullcontext_settings() -> Iterator[Settings]:
-    yield Settings.from_env()
+def run(
+    bench: Bench, methods: list[Method], workloads: list[Workload], probes: list[str]
+) -> dict[str, Any]:
+    import dask
 
-
-def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    processes = args.processes
-    if args.use_running:
-        with redis.Redis.from_url(settings.redis_url) as client:
-            processes = capacity(client, names.CPU_QUEUE).processes
     report: dict[str, Any] = {
         "setup": {
-            "processes": processes,
+            "processes": bench.processes,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "celery": celery.__version__,
             "joblib": joblib.__version__,
-            "repeat": args.repeat,
-            "stack": "running stack"
-            if args.use_running
-            else "private redis-server + 1 prefork worker",
+            "dask": dask.__version__,
+            "repeat": bench.args.repeat,
+            "fresh_worker": bench.args.fresh_worker,
+            "stack": bench.stack.description,
             "date": time.strftime("%Y-%m-%d"),
+            "run": secrets.token_hex(4),
         },
         "workloads": {},
     }
-    with map_methods(settings, processes) as methods:
-        measure_maps(report, methods, processes, args)
-    print("submits and latency...", file=sys.stderr)
-    report["submit_rate_per_s"] = submit_rate(settings, args.submits)
-    report["latency"] = latency(settings, args.latency_samples)
-    for data in report["workloads"].values():
-        eff = data["efficiency"]
-        data["vs_ProcessPoolExecutor"] = {
-            m: eff[m] / eff["ProcessPoolExecutor"]
-            for m in eff
-            if m.startswith(("Cluster", "cluster"))
+    measured = measure(bench, methods, workloads)
+    for w in workloads:
+        report["workloads"][w.name] = {
+            "title": w.title,
+            "methods": summarize(measured[w.name], bench.processes, w.array is None),
         }
+    for name in probes:
+        print(f"probe: {name}", file=sys.stderr)
+        report[name] = PROBES[name](bench)
     return report
-
-
-def measure_maps(
-    report: dict[str, Any],
-    methods: dict[str, Callable[[list[int]], list[Any]]],
-    processes: int,
-    args: argparse.Namespace,
-) -> None:
-    for label, items, seconds in (("tiny", args.tiny, 0.0001), ("large", args.large, 0.01)):
-        n = calibrate(seconds)
-        work = [n] * items
-        expected = [spin(n)] * items
-        name = f"{items:,} x {seconds * 1000:g} ms"
-        print(f"[{name}] serial...", file=sys.stderr)
-        serial = timed(functools.partial(spin_each, work), expected, args.repeat)
-        times = {"serial": serial}
-        for method, run_map in methods.items():
-            print(f"[{name}] {method}...", file=sys.stderr)
-            times[method] = timed(functools.partial(run_map, work), expected, args.repeat)
-        report["workloads"][name] = {
-            "label": label,
-            "seconds": times,
-            "efficiency": {m: serial / (processes * t) for m, t in times.items() if m != "serial"},
-        }
-
-
-def table(report: dict[str, Any]) -> str:
-    workloads = report["workloads"]
-    names = list(workloads)
-    methods = ["serial", *next(iter(workloads.values()))["efficiency"]]
-    lines = [
-        f"Setup: {report['setup']['processes']} worker processes, {report['setup']['stack']}, "
-        f"{report['setup']['cpus']} CPUs, median of {report['setup']['repeat']}",
-        "",
-        "| method | " + " | ".join(f"{n}: time (s) / efficiency" for n in names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for m in methods:
-        cells = []
-        for n in names:
-            t = workloads[n]["seconds"][m]
-            e = workloads[n]["efficiency"].get(m)
-            cells.append(f"{t:.2f}" + (f" / {e:.2f}" if e is not None else ""))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| cluster method vs ProcessPoolExecutor | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for m in workloads[names[0]]["vs_ProcessPoolExecutor"]:
-        lines.append(
-            f"| {m} | "
-            + " | ".join(f"{workloads[n]['vs_ProcessPoolExecutor'][m]:.2f}x" for n in names)
-            + " |"
-        )
-    lines += [
-        "",
-        "| calls | no-op futures resolved / s | single call p50 (ms) | p99 (ms) |",
-        "|---|---|---|---|",
-    ]
-    for m, rate in report["submit_rate_per_s"].items():
-        lat = report["latency"][m]
-        lines.append(f"| {m} | {rate:,.0f} | {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from taskstack.errors import (
     VersionMismatch,
 )
 from taskstack.settings import Settings
+from taskstack.sharing import Shared, share
 from taskstack.signing import Signer
 
 register()
@@ -39,9 +40,11 @@ __all__ = [
     "RemoteTraceback",
     "Settings",
     "SettingsError",
+    "Shared",
     "SignatureError",
     "Signer",
     "Terminated",
     "VersionMismatch",
     "create_app",
+    "share",
 ]

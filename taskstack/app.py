@@ -90,4 +90,6 @@ def create_app(settings: Settings) -> Celery:
     # name a SECRET when a worker's configuration is inspected (e.g. by Flower).
     app.conf[c.SECRET_SETTING] = settings.secret
     app.conf[c.MAX_PAYLOAD_SETTING] = settings.max_payload_bytes
+    app.conf[c.SHARED_DIR_SETTING] = settings.shared_dir
+    app.conf[c.SHARED_EXPIRES_SETTING] = settings.shared_expires
     return app

@@ -89,12 +89,21 @@ STOP_KEY_PREFIX: Final = KEY_PREFIX + "stop:"
 """``<prefix><client or map id>``: exists once a client stopped a map or terminated;
 running batches that name it stop between calls."""
 
+SHARED_KEY_PREFIX: Final = KEY_PREFIX + "shared:"
+"""``<prefix><client id>:<sha256 hex>``: a big buffer or shared object a client sent once
+(see :mod:`taskstack.sharing`); deleted when the client shuts down, else it expires."""
+
 # -- app.conf keys that are not Celery's -------------------------------------------------
 
 SECRET_SETTING: Final = "taskstack_secret"
 """The signing secret (Celery masks keys naming SECRET when a worker's config is inspected)."""
 
 MAX_PAYLOAD_SETTING: Final = "taskstack_max_payload_bytes"
+
+SHARED_DIR_SETTING: Final = "taskstack_shared_dir"
+"""Where a worker host keeps the shared objects it fetched, one file each."""
+
+SHARED_EXPIRES_SETTING: Final = "taskstack_shared_expires"
 
 # -- the executor's reply protocol ---------------------------------------------------------
 

@@ -59,9 +59,19 @@ class Settings:
     max_tasks_per_child: int = 1000
     """A prefork child is replaced after this many tasks (guards against leaks)."""
     max_memory_per_child: int = 512_000
-    """A prefork child is replaced once its resident memory exceeds this many KiB."""
+    """A prefork child is replaced once its resident memory exceeds this many KiB (the shared
+    data it maps counts: keep this above the largest shared array)."""
     max_payload_bytes: int = 16 * 1024 * 1024
     """Largest signed batch (functions, arguments) a client sends or a worker accepts."""
+    shared_min_bytes: int = 1024 * 1024
+    """A pickle protocol 5 buffer (NumPy array data) this large leaves the batch: it is stored
+    once in Redis and mapped once per worker host."""
+    shared_max_bytes: int = 2 * 1024**3
+    """Most bytes of shared data one client keeps in Redis at a time."""
+    shared_expires: int = 3600
+    """Seconds shared data outlives its last use when its client does not delete it."""
+    shared_dir: str = ""
+    """Directory where a worker host keeps fetched shared data; empty: the system's temp dir."""
     redis_retry_seconds: float = 30.0
     """How long a client retries a Redis that went away before its calls fail."""
     secret: str = DEFAULT_SECRET
@@ -86,15 +96,9 @@ class Settings:
                 "REDIS_URL has no password: use redis://:PASSWORD@HOST:PORT/DB "
                 "(the stack's Redis always requires one)"
             )
-        _positive("WORKER_CPU_CONCURRENCY", self.cpu_concurrency)
-        _positive("WORKER_IO_CONCURRENCY", self.io_concurrency)
-        _positive("TASK_SOFT_TIME_LIMIT", self.soft_time_limit)
-        _positive("TASK_TIME_LIMIT", self.time_limit)
-        _positive("RESULT_EXPIRES", self.result_expires)
-        _positive("WORKER_MAX_TASKS_PER_CHILD", self.max_tasks_per_child)
-        _positive("WORKER_MAX_MEMORY_PER_CHILD", self.max_memory_per_child)
-        _positive("MAX_PAYLOAD_BYTES", self.max_payload_bytes)
-        _positive("REDIS_RETRY_SECONDS", self.redis_retry_seconds)
+        for field, (name, parse) in ENV_VARS.items():  # every count, size and duration
+            if parse in (int, float):
+                _positive(name, getattr(self, field))
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -104,7 +108,6 @@ class Settings:
             raise SettingsError(
                 f"LEASE_SECONDS must be at least {MIN_LEASE_SECONDS}, got {self.lease_seconds}"
             )
-        _positive("LEASE_SWEEP_SECONDS", self.lease_sweep_seconds)
         if self.lease_sweep_seconds > self.lease_seconds:
             raise SettingsError(
                 f"LEASE_SWEEP_SECONDS ({self.lease_sweep_seconds}) must not exceed "
@@ -272,6 +275,10 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", int),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", int),
     "max_payload_bytes": ("MAX_PAYLOAD_BYTES", int),
+    "shared_min_bytes": ("SHARED_MIN_BYTES", int),
+    "shared_max_bytes": ("SHARED_MAX_BYTES", int),
+    "shared_expires": ("SHARED_EXPIRES", int),
+    "shared_dir": ("SHARED_DIR", str),
     "redis_retry_seconds": ("REDIS_RETRY_SECONDS", float),
     "secret": ("TASKSTACK_SECRET", str),
     "flower_user": ("FLOWER_USER", str),

@@ -32,13 +32,12 @@ class Signer:
     def _tag(self, payload: bytes | memoryview) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()
 
-    def dumps(self, obj: Any) -> bytes:
-        """Pickle ``obj`` (by value where it cannot be imported) and sign it."""
-        payload: bytes = cloudpickle.dumps(obj, protocol=_PROTOCOL)
+    def sign(self, payload: bytes) -> bytes:
+        """``payload`` with its tag in front."""
         return self._tag(payload) + payload
 
-    def loads(self, blob: bytes) -> Any:
-        """Verify ``blob``'s signature, then unpickle it; :class:`SignatureError` otherwise."""
+    def verify(self, blob: bytes | memoryview) -> memoryview:
+        """The payload of a signed ``blob``; :class:`SignatureError` if the tag does not match."""
         if len(blob) <= TAG_SIZE:
             raise SignatureError(f"payload of {len(blob)} bytes is too short to carry a signature")
         view = memoryview(blob)
@@ -48,4 +47,12 @@ class Signer:
                 "payload signature does not match: it was not signed with this stack's "
                 "TASKSTACK_SECRET, or was altered on the way; it was not unpickled"
             )
-        return cloudpickle.loads(payload)
+        return payload
+
+    def dumps(self, obj: Any) -> bytes:
+        """Pickle ``obj`` (by value where it cannot be imported) and sign it."""
+        return self.sign(cloudpickle.dumps(obj, protocol=_PROTOCOL))
+
+    def loads(self, blob: bytes) -> Any:
+        """Verify ``blob``'s signature, then unpickle it; :class:`SignatureError` otherwise."""
+        return cloudpickle.loads(self.verify(blob))

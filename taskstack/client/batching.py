@@ -21,6 +21,20 @@ from taskstack.client.futures import ClusterFuture
 from taskstack.client.results import MapJob
 
 
+@dataclass(frozen=True)
+class ItemsKey:
+    """The cost key of joblib's batches: the function inside them, costed per item.
+
+    joblib hands the backend ``BatchedCalls`` objects of varying length; their
+    cost is learnt per item of the function they run, so that the backend
+    sizes its next batches from it (:mod:`taskstack.client.joblib_backend`).
+    """
+
+    fn: object
+    per_call: float = field(default=1.0, compare=False)
+    """Items per ``BatchedCalls`` in the batch measured (not part of the key)."""
+
+
 @dataclass
 class BatchSizer:
     min_seconds: float = 0.02
@@ -37,6 +51,8 @@ class BatchSizer:
             return 0
         guided = math.ceil(remaining / (2 * max(1, processes)))
         cost = self._cost.get(key)
+        if cost is not None and isinstance(key, ItemsKey):
+            cost *= key.per_call
         if cost is not None:
             per_second = 1.0 / max(cost, 1e-9)
             floor = math.ceil(self.min_seconds * per_second)
@@ -48,6 +64,8 @@ class BatchSizer:
         """Fold a batch's measured run time into the cost estimate for ``key``."""
         if calls <= 0:
             return
+        if isinstance(key, ItemsKey):
+            calls = max(1, round(calls * key.per_call))
         cost = seconds / calls
         old = self._cost.get(key)
         self._cost[key] = cost if old is None else old + self.smoothing * (cost - old)
@@ -82,11 +100,22 @@ class InFlight:
 
 
 def cost_key(fn: Callable[..., Any]) -> object:
+    inner = joblib_items(fn)
+    if inner:
+        return ItemsKey(cost_key(inner[0][0]), len(inner))
     try:
         hash(fn)
     except TypeError:
         return id(fn)
     return fn
+
+
+def joblib_items(fn: object) -> list[Any] | None:
+    """The calls inside a joblib ``BatchedCalls``; None for any other callable."""
+    if type(fn).__name__ != "BatchedCalls":
+        return None
+    items = getattr(fn, "items", None)
+    return items if isinstance(items, list) else None
 
 
 def carve(
@@ -126,4 +155,7 @@ def carve(
     if not taken:
         return None
     batch.size = len(taken)
+    if isinstance(key, ItemsKey):
+        items = sum(len(joblib_items(c.fn) or ()) for c in taken)
+        batch.key = ItemsKey(key.fn, items / len(taken))
     return batch, [(c.fn, c.args, c.kwargs) for c in taken]

@@ -34,8 +34,10 @@ from taskstack.client.futures import ClusterFuture, cancel_now, fail
 from taskstack.client.receiving import Receiver
 from taskstack.client.results import MapJob
 from taskstack.client.sending import Sender
+from taskstack.client.sharing import SharedStore
 from taskstack.connections import connect, masked
 from taskstack.errors import Terminated
+from taskstack.settings import Settings
 from taskstack.signing import Signer
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class Dispatcher:
         retry_seconds: float = 30.0,
         max_workers: int | None = None,
         setup: names.Setup = None,
+        shared: Settings | None = None,
     ) -> None:
         self.app = app
         self.queue = queue_name
@@ -75,6 +78,7 @@ class Dispatcher:
         except redis.RedisError as exc:
             self.redis.close()
             raise ConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
+        self.store = SharedStore.configured(self.redis, self.id, shared or Settings())
         self._cv = threading.Condition()
         self._pending: deque[Submitted | MapJob] = deque()
         self._inflight: dict[str, InFlight] = {}
@@ -268,6 +272,7 @@ class Dispatcher:
             self._sender.thread.join()
             with contextlib.suppress(redis.RedisError):  # else it expires by itself
                 self.redis.delete(self.reply_key)
+                self.store.release()
             self.redis.close()
             self._closed.set()
             _live.discard(self)

@@ -80,6 +80,7 @@ class ClusterExecutor(Executor):
                 retry_seconds=self._settings.redis_retry_seconds,
                 max_workers=max_workers,
                 setup=setup,
+                shared=self._settings,
             )
         except BaseException:
             if self._owns_app:

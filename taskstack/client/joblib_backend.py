@@ -1,15 +1,19 @@
 """A joblib backend over the cluster: ``joblib.parallel_config(backend="taskstack")``.
 
-joblib keeps doing what it does with any backend (it groups calls into
-batches and tunes the batch size from measured durations); each of its
-batches becomes one :meth:`ClusterExecutor.submit`, and batches submitted in a
-burst share messages. A ``Parallel`` nested in a call that runs on the cluster
+joblib groups calls into batches; each of its batches becomes one
+:meth:`ClusterExecutor.submit`, and batches submitted in a burst share
+messages. Batch sizes come from the cost per item the workers measured (the
+executor's :class:`~taskstack.client.batching.BatchSizer`), aiming at
+``TARGET_BATCH_SECONDS`` per batch, rather than from joblib's ramp from one:
+once the first batch of a ``Parallel`` call has run, the next batch already
+has its full size. A ``Parallel`` nested in a call that runs on the cluster
 runs sequentially there, as joblib's process backends do; an aborted
 ``Parallel`` (an exception, Ctrl-C) stops its calls on the workers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -18,10 +22,14 @@ from joblib import register_parallel_backend
 from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
 from taskstack import names
+from taskstack.client.batching import ItemsKey, cost_key, joblib_items
 from taskstack.client.executor import ClusterExecutor
 from taskstack.settings import Settings
 
 BACKEND_NAME = "taskstack"
+TARGET_BATCH_SECONDS = 0.05
+"""Work per joblib batch: enough to hide the per-message cost behind the batch queued next,
+small enough that every process finishes at about the same time."""
 
 
 class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
@@ -41,6 +49,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self._settings = settings
         self._queue = queue
         self._executor: ClusterExecutor | None = None
+        self._key: ItemsKey | None = None
+        """The function this ``Parallel`` call runs, known from its first batch."""
 
     def _get_executor(self) -> ClusterExecutor:
         if self._executor is None:
@@ -60,11 +70,28 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
 
     def configure(self, n_jobs: int = 1, parallel: Any = None, **kwargs: Any) -> int:
         self.parallel = parallel
+        self._key = None
         return self.effective_n_jobs(n_jobs)
+
+    def compute_batch_size(self) -> int:
+        """Items per batch from the measured cost per item; joblib's own guess until then."""
+        if self._key is not None and self._executor is not None:
+            sizer = self._executor._dispatcher.sizer
+            cost = sizer.cost(self._key)
+            if cost is not None:
+                cost = max(cost, 1e-9)
+                ceiling = max(1, math.floor(sizer.max_seconds / cost))
+                return max(1, min(math.ceil(TARGET_BATCH_SECONDS / cost), ceiling))
+        batch_size: int = super().compute_batch_size()
+        return batch_size
 
     def submit(
         self, func: Callable[[], Any], callback: Callable[[Any], None] | None = None
     ) -> Future[Any]:
+        if self._key is None:
+            inner = joblib_items(func)
+            if inner:
+                self._key = ItemsKey(cost_key(inner[0][0]))
         future = self._get_executor().submit(func)
         if callback is not None:
             future.add_done_callback(callback)

@@ -6,6 +6,9 @@ so that the error lands on that call's future or map position alone, and the
 rest of its batch runs. Code pickled by value (functions from ``__main__``,
 lambdas, closures) loads only on the Python minor version that pickled it:
 such a batch is refused before it is sent when the workers run another one.
+Big buffers and :func:`taskstack.share` handles leave the batch through the
+client's :class:`~taskstack.client.sharing.SharedStore`, so ``MAX_PAYLOAD_BYTES``
+bounds what remains.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import pickle
 from collections.abc import Iterable
 from typing import Final
 
+import cloudpickle
+import redis
+
 from taskstack import names
+from taskstack.client.sharing import Memo, SharedStore
 from taskstack.errors import PayloadTooLarge, VersionMismatch, raise_error
 from taskstack.signing import Signer
 
@@ -32,14 +39,28 @@ def pack(
     max_bytes: int,
     local_python: str,
     worker_pythons: Iterable[str] = (),
+    store: SharedStore | None = None,
+    memo: Memo | None = None,
 ) -> bytes:
-    """The signed payload for ``calls``; raises what makes the whole batch unsendable."""
+    """The signed payload for ``calls``; raises what makes the whole batch unsendable.
+
+    With a ``store``, big buffers and shared handles are stored apart (once per
+    client, their digests remembered in ``memo``) and the payload names them.
+    """
+
+    def dumps(request: names.Request) -> bytes:
+        if store is None:
+            return signer.dumps(request)
+        return store.dumps(signer, request, memo if memo is not None else Memo())
+
     try:
-        blob = signer.dumps((calls, setup))
+        blob = dumps((calls, setup))
+    except (PayloadTooLarge, redis.RedisError):  # over the budget, or storing failed
+        raise
     except Exception:
         if setup is not None:
-            _check_picklable(signer, setup, "the initializer and its arguments")
-        blob = signer.dumps(([_isolated(signer, call) for call in calls], setup))
+            _check_picklable(setup, "the initializer and its arguments")
+        blob = dumps(([_isolated(call) for call in calls], setup))
     others = sorted(set(worker_pythons) - {local_python})
     if others and any(marker in blob for marker in BY_VALUE_MARKERS):
         raise VersionMismatch(
@@ -52,15 +73,22 @@ def pack(
     if len(blob) > max_bytes:
         raise PayloadTooLarge(
             f"a batch of {len(calls)} call(s) pickles to {len(blob):,} bytes, over "
-            f"MAX_PAYLOAD_BYTES={max_bytes:,}: pass smaller arguments (e.g. a path or key "
-            "instead of the data itself)"
+            f"MAX_PAYLOAD_BYTES={max_bytes:,}. NumPy arrays and other buffers of at least "
+            "SHARED_MIN_BYTES are sent once, outside the batch: pass big data in that form, "
+            "wrap a big object every call uses in taskstack.share(obj), or pass a path or key "
+            "instead of the data itself"
         )
     return blob
 
 
-def _isolated(signer: Signer, call: names.Call) -> names.Call:
+def _trial(obj: object) -> None:
+    """Pickle ``obj`` to see whether it can be; its big buffers are neither copied nor kept."""
+    cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda _: False)
+
+
+def _isolated(call: names.Call) -> names.Call:
     try:
-        signer.dumps(call)
+        _trial(call)
     except Exception as exc:
         fn = getattr(call[0], "__qualname__", repr(call[0]))
         error = pickle.PicklingError(
@@ -71,8 +99,8 @@ def _isolated(signer: Signer, call: names.Call) -> names.Call:
     return call
 
 
-def _check_picklable(signer: Signer, obj: object, what: str) -> None:
+def _check_picklable(obj: object, what: str) -> None:
     try:
-        signer.dumps(obj)
+        _trial(obj)
     except Exception as exc:
         raise pickle.PicklingError(f"{what} could not be pickled: {exc}") from exc

@@ -6,12 +6,14 @@ import base64
 import logging
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from taskstack import capacity, claims, names
 from taskstack.client.batching import InFlight, carve
 from taskstack.client.packing import pack
 from taskstack.client.results import MapJob
+from taskstack.client.sharing import Memo
 
 if TYPE_CHECKING:
     from taskstack.client.dispatch import Dispatcher
@@ -33,6 +35,9 @@ class Sender:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self.thread = threading.Thread(target=self.run, name="taskstack-sender", daemon=True)
+        # A big buffer is hashed once per map, or once per run of submitted work.
+        self.map_memos: weakref.WeakKeyDictionary[MapJob, Memo] = weakref.WeakKeyDictionary()
+        self.burst_memo = Memo()
 
     def start(self) -> None:
         self.thread.start()
@@ -61,6 +66,8 @@ class Sender:
                         d._cv.notify_all()
                         continue
                     batch, calls = carved
+                    if not d._inflight:
+                        self.burst_memo = Memo()
                     d._inflight[batch.id] = batch
                 self.send(producer, batch, calls)
                 del head, carved, batch, calls  # the inputs are sent: keep none alive here
@@ -75,6 +82,8 @@ class Sender:
                 max_bytes=d.max_payload_bytes,
                 local_python=capacity.PYTHON,
                 worker_pythons=d._capacity.pythons,
+                store=d.store,
+                memo=self.memo(batch),
             )
         except Exception as exc:  # PayloadTooLarge, VersionMismatch, an unpicklable setup
             d._receiver.settle_failure(batch, exc)
@@ -100,6 +109,8 @@ class Sender:
                     queue=d.queue,
                     producer=producer,
                     retry=False,
+                    # Outcomes come by the reply list: no result-backend subscription.
+                    ignore_result=True,
                     argsrepr="()",
                     kwargsrepr=described,
                 )
@@ -113,6 +124,14 @@ class Sender:
                     if batch.id not in d._inflight:  # dropped meanwhile (abort, cancel)
                         return
                 time.sleep(RETRY_BACKOFF_SECONDS)  # back off before the next attempt
+
+    def memo(self, batch: InFlight) -> Memo:
+        if batch.job is None:
+            return self.burst_memo
+        memo = self.map_memos.get(batch.job)
+        if memo is None:
+            memo = self.map_memos[batch.job] = Memo()
+        return memo
 
 
 def describe(batch: InFlight, calls: names.Batch, client: str) -> str:

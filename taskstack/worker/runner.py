@@ -27,6 +27,7 @@ from taskstack.errors import PayloadTooLarge, SignatureError
 from taskstack.signing import Signer
 from taskstack.worker.calls import initialize, pack_outcomes, run_calls
 from taskstack.worker.progress import Progress
+from taskstack.worker.shared_objects import host_cache
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,10 @@ def _run_batch(
         if not all(key.startswith(names.STOP_KEY_PREFIX) for key in stop_keys):
             raise ValueError(f"stop_keys must be {names.STOP_KEY_PREFIX}* keys, got {stop_keys!r}")
         blob = base64.b64decode(payload, validate=True)
-        request: names.Request = signer.loads(blob)
+        cache = host_cache(
+            task.app.conf[names.SHARED_DIR_SETTING], task.app.conf[names.SHARED_EXPIRES_SETTING]
+        )
+        request: names.Request = cache.loads(signer, blob, client)
         calls, setup = request
     except (SignatureError, ValueError, binascii.Error) as exc:
         _reply_failed(client, reply_to, batch_id, exc)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import joblib
 import pytest
 import redis
 
 from taskstack import JOBLIB_BACKEND, names
 from taskstack.capacity import capacity
+from taskstack.client.batching import ItemsKey, cost_key
+from taskstack.client.joblib_backend import TARGET_BATCH_SECONDS
 from taskstack.settings import Settings
 from tests.integration import work
 from tests.support import Worker, wait_for
@@ -50,3 +54,18 @@ def test_n_jobs_minus_one_is_the_cluster_size(
     cluster = wait_for(cluster_size, 10, "the cpu worker to announce its processes")
     with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
         assert joblib.effective_n_jobs(-1) == cluster
+
+
+def test_batch_sizes_come_from_the_cost_the_workers_measured(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    with (
+        joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server),
+        joblib.Parallel(n_jobs=-1) as parallel,
+    ):
+        assert parallel(joblib.delayed(work.nap)(0.001) for _ in range(300)) == [0.001] * 300
+        backend = parallel._backend
+        cost = backend._executor._dispatcher.sizer.cost(ItemsKey(cost_key(work.nap)))
+        assert cost is not None and 0.001 <= cost < 0.01  # per item, not per joblib batch
+        assert backend.compute_batch_size() == math.ceil(TARGET_BATCH_SECONDS / cost)
+        assert parallel.n_dispatched_batches < 300 / 4

@@ -224,12 +224,14 @@ def test_a_soft_shutdown_longer_than_the_lease_keeps_its_claims(
     """Celery's soft shutdown stops the event loop for 20 s while tasks finish: a task
     done meanwhile is acknowledged, and only the unfinished one goes back, once."""
     worker = start()
-    short = app.send_task("tests.count_run", (leased.redis_url, secrets.token_hex(4), [3.0]))
-    long = app.send_task("tests.count_run", (leased.redis_url, secrets.token_hex(4), [60.0]))
-    wait_for(lambda: {short.id, long.id} <= set(held(db)), 20, "the worker to hold both")
+    keys = [secrets.token_hex(4), secrets.token_hex(4)]
+    short = app.send_task("tests.count_run", (leased.redis_url, keys[0], [3.0]))
+    long = app.send_task("tests.count_run", (leased.redis_url, keys[1], [60.0]))
+    wait_for(lambda: all(db.get(key) == b"1" for key in keys), 20, "both tasks to run")
     worker.service.process.send_signal(signal.SIGTERM)
     assert worker.service.process.wait(SOFT_SHUTDOWN_SECONDS + SHUTDOWN_DEADLINE_SECONDS + 10) == 0
     queued = [json.loads(raw)["headers"]["id"] for raw in db.lrange(names.CPU_QUEUE, 0, -1)]
     assert queued == [long.id]
     assert not held(db)
     assert "claim lapsed" not in worker.service.log_text()
+    assert short.get(timeout=5) == 1  # it finished, and was acknowledged as such

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import redis
 
@@ -62,3 +62,13 @@ class Unpicklable(Exception):
 
 def fail_oddly() -> None:
     raise Unpicklable("custom")
+
+
+def total_plus(array: Any, i: int) -> tuple[float, int]:
+    """Reads every page of ``array``: (its sum + i, this process's pid)."""
+    return float(array.sum()) + i, os.getpid()
+
+
+def identity_in_process(obj: object, i: int) -> tuple[int, int, int]:
+    """(pid, id of ``obj`` in this process, ``len(obj)``): one id per process means one load."""
+    return os.getpid(), id(obj), len(obj)  # type: ignore[arg-type]

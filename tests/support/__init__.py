@@ -4,7 +4,8 @@
 - infrastructure a tier needs: :func:`require` (skip on a laptop, fail in CI),
   :func:`free_port`;
 - child processes: :func:`run` (stderr kept on failure), :class:`Service` and
-  :func:`start`, :func:`child_pids`, :func:`settings_env`;
+  :func:`start`, :func:`child_pids`, :func:`pss_bytes`, :func:`settings_env`;
+- what went through Redis: :func:`redis_traffic`;
 - what the session's fixtures hand out: :class:`Worker`, :class:`Flower`;
 - HTTP with basic auth (Flower): :func:`http_get`;
 - proof that nothing was unpickled: :class:`Tripwire`;
@@ -114,6 +115,22 @@ def child_pids(pid: int) -> list[int]:
         except FileNotFoundError:  # the thread ended meanwhile
             continue
     return children
+
+
+def pss_bytes(pids: Sequence[int]) -> int:
+    """The proportional set size of ``pids`` together: a page shared by n of them counts 1/n."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def redis_traffic(client: Any) -> tuple[int, int]:
+    """Bytes Redis has received and sent since it started: (in, out)."""
+    stats = client.info("stats")
+    return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskstack.client.batching import BatchSizer
+from taskstack.client.batching import BatchSizer, ItemsKey
 
 
 def test_guided_batches_shrink_towards_the_end() -> None:
@@ -38,3 +38,11 @@ def test_cost_estimate_is_smoothed() -> None:
     assert sizer.cost("f") == pytest.approx(0.2)
     sizer.observe("f", 0, 1.0)  # an empty batch says nothing
     assert sizer.cost("f") == pytest.approx(0.2)
+
+
+def test_joblib_batches_are_costed_per_item_of_the_function_inside() -> None:
+    sizer = BatchSizer()
+    sizer.observe(ItemsKey(len, per_call=100), 2, 0.4)  # two batches of 100 items in 0.4 s
+    assert sizer.cost(ItemsKey(len)) == pytest.approx(0.002)
+    # A message of joblib batches of 100 items each (0.2 s apiece) holds at most 2 s of work.
+    assert sizer.size(1000, 1, ItemsKey(len, per_call=100)) == 10

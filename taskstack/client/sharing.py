@@ -1,0 +1,178 @@
+"""The client's side of sending big things once: its store of shared data in Redis.
+
+A batch is pickled with protocol 5; each buffer of at least ``SHARED_MIN_BYTES``
+(a NumPy array's data) is stored once under its SHA-256 and
+left out of the pickle, and each :func:`taskstack.share` handle is pickled
+once and stored the same way (:mod:`taskstack.sharing` has the frame). The
+store keeps a client's shared data within ``SHARED_MAX_BYTES``, renews its
+expiry while the client uses it, and deletes it when the client shuts down;
+a client that dies leaves it to expire ``SHARED_EXPIRES`` seconds after its
+last use.
+
+Reading a 50 MB buffer to hash it takes tens of milliseconds, so a buffer is
+hashed once per map (or per run of submitted work): the *memo* a batch is
+packed with remembers the digests of the buffers it saw, by the identity of
+the object that owns them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import cloudpickle
+import redis
+
+from taskstack.errors import PayloadTooLarge
+from taskstack.settings import Settings
+from taskstack.sharing import STORING, Ref, Shared, blob_key, frame
+from taskstack.signing import Signer
+
+UPLOAD_PIECE: Final = 4 * 1024 * 1024
+LARGEST_BUFFER: Final = 512 * 1024 * 1024
+"""Redis's largest string (its default ``proto-max-bulk-len``)."""
+
+
+@dataclass
+class Memo:
+    """Digests of the buffers already stored, by owning object, for one map or burst."""
+
+    refs: dict[tuple[int, int], Ref] = field(default_factory=dict)
+    owners: list[object] = field(default_factory=list)
+    """Kept alive while the memo lives, so that no other object takes their ids."""
+
+
+class SharedStore:
+    """One client's shared data in Redis: ``taskstack:shared:<owner>:<sha256>``."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        owner: str,
+        *,
+        min_bytes: int,
+        max_bytes: int,
+        expires: int,
+    ) -> None:
+        self.redis = client
+        self.owner = owner
+        self.min_bytes = min_bytes
+        self.max_bytes = max_bytes
+        self.expires = expires
+        self.stored_bytes = 0
+        self._stored: dict[bytes, tuple[int, float]] = {}
+        """digest -> (size, when its expiry was last renewed)."""
+        self._handles: dict[int, tuple[Shared[Any], Ref]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def configured(cls, client: redis.Redis, owner: str, settings: Settings) -> SharedStore:
+        """A store with the ``SHARED_*`` limits of ``settings``."""
+        return cls(
+            client,
+            owner,
+            min_bytes=settings.shared_min_bytes,
+            max_bytes=settings.shared_max_bytes,
+            expires=settings.shared_expires,
+        )
+
+    def dumps(self, signer: Signer, obj: object, memo: Memo) -> bytes:
+        """``obj`` signed, its big buffers and shared handles stored apart."""
+        with self._lock:
+            return signer.sign(self._encode(obj, memo))
+
+    def release(self) -> None:
+        """Delete everything this client stored (at shutdown)."""
+        with self._lock:
+            keys = [blob_key(self.owner, digest) for digest in self._stored]
+            self._stored.clear()
+            self._handles.clear()
+            self.stored_bytes = 0
+        for start in range(0, len(keys), 512):
+            self.redis.delete(*keys[start : start + 512])
+
+    def _encode(self, obj: object, memo: Memo) -> bytes:
+        refs: list[Ref] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                view = buffer.raw()
+            except BufferError:  # not contiguous: pickled in band
+                return True
+            if view.nbytes < self.min_bytes:
+                return True
+            refs.append(self._put_buffer(view, memo))
+            return False
+
+        token = STORING.set(lambda handle: self._put_handle(handle, memo))
+        try:
+            pickled: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+        finally:
+            STORING.reset(token)
+        return frame(self.owner, refs, pickled) if refs else pickled
+
+    def _put_handle(self, handle: Shared[Any], memo: Memo) -> tuple[str, bytes, int]:
+        known = self._handles.get(id(handle))
+        if known is not None and known[0] is handle and self._renew(*known[1]):
+            digest, size = known[1]
+        else:
+            digest, size = self._put(memoryview(self._encode(handle.value, memo)))
+            self._handles[id(handle)] = (handle, (digest, size))
+        return self.owner, digest, size
+
+    def _put_buffer(self, view: memoryview, memo: Memo) -> Ref:
+        owner = view.obj
+        key = (id(owner), view.nbytes)
+        ref = memo.refs.get(key)
+        if ref is not None and self._renew(*ref):
+            return ref
+        ref = self._put(view)
+        memo.refs[key] = ref
+        memo.owners.append(owner)
+        return ref
+
+    def _put(self, view: memoryview) -> Ref:
+        digest = hashlib.sha256(view).digest()
+        size = view.nbytes
+        if self._renew(digest, size):
+            return digest, size
+        if size > LARGEST_BUFFER:
+            raise PayloadTooLarge(
+                f"a buffer of {size:,} bytes is over {LARGEST_BUFFER:,}, the largest value Redis "
+                "stores: split the array into parts and pass those"
+            )
+        if self.stored_bytes + size > self.max_bytes:
+            raise PayloadTooLarge(
+                f"storing {size:,} more bytes of shared data would take this client past "
+                f"SHARED_MAX_BYTES={self.max_bytes:,} (it holds {self.stored_bytes:,}): "
+                "raise SHARED_MAX_BYTES (Redis must have the memory), or shut down "
+                "executors whose shared data is no longer needed"
+            )
+        key = blob_key(self.owner, digest)
+        # In pieces, pipelined: no whole copy of it is made in this process.
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, view[:UPLOAD_PIECE], ex=self.expires)
+            for start in range(UPLOAD_PIECE, size, UPLOAD_PIECE):
+                pipe.append(key, view[start : start + UPLOAD_PIECE])
+            pipe.execute()
+        self._stored[digest] = (size, time.monotonic())
+        self.stored_bytes += size
+        return digest, size
+
+    def _renew(self, digest: bytes, size: int) -> bool:
+        """True if Redis still holds ``digest``, its expiry renewed when a quarter ran out."""
+        known = self._stored.get(digest)
+        if known is None:
+            return False
+        if time.monotonic() - known[1] < self.expires / 4:
+            return True
+        if self.redis.expire(blob_key(self.owner, digest), self.expires):
+            self._stored[digest] = (size, time.monotonic())
+            return True
+        del self._stored[digest]  # expired or evicted: stored again
+        self.stored_bytes -= size
+        return False
