@@ -15,6 +15,10 @@ class PayloadTooLarge(ValueError):
     """A batch is larger than ``MAX_PAYLOAD_BYTES``."""
 
 
+class SharedDataGone(LookupError):
+    """A batch names shared data that is no longer in Redis (its client shut down)."""
+
+
 class Terminated(RuntimeError):
     """The executor or pool was terminated before this call finished."""
 

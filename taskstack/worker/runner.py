@@ -23,7 +23,7 @@ from celery.signals import task_failure
 
 from taskstack import claims, names
 from taskstack.connections import shared
-from taskstack.errors import PayloadTooLarge, SignatureError
+from taskstack.errors import PayloadTooLarge, SharedDataGone, SignatureError
 from taskstack.signing import Signer
 from taskstack.worker.calls import initialize, pack_outcomes, run_calls
 from taskstack.worker.progress import Progress
@@ -83,11 +83,7 @@ def _run_batch(
         _reply_failed(client, reply_to, batch_id, exc)
         raise
     except Exception as exc:  # verified, but it would not unpickle here (e.g. missing module)
-        error = RuntimeError(
-            f"the workers could not load this batch: {type(exc).__name__}: {exc}. A function "
-            "travels by reference when its module is importable on the client; install that "
-            "module on the workers too, or call cloudpickle.register_pickle_by_value(module)"
-        )
+        error = _load_error(exc)
         unloadable = [(False, (error, traceback.format_exc()))]
         ending = signer.dumps((names.WHOLE_BATCH, unloadable, 0.0, 0))
         _reply(client, reply_to, names.DONE + batch_id.encode() + ending)
@@ -127,6 +123,16 @@ def _run_batch(
     ending = pack_outcomes(signer, done + last, outcomes[last:], seconds, len(outcomes))
     claims.record(client, batch_id, reply_to, names.DONE + batch_id.encode() + ending, len(calls))
     return len(outcomes)
+
+
+def _load_error(exc: Exception) -> RuntimeError:
+    if isinstance(exc, SharedDataGone):
+        return RuntimeError(f"the workers could not load this batch: {exc}")
+    return RuntimeError(
+        f"the workers could not load this batch: {type(exc).__name__}: {exc}. A function "
+        "travels by reference when its module is importable on the client; install that "
+        "module on the workers too, or call cloudpickle.register_pickle_by_value(module)"
+    )
 
 
 def _reply_failed(client: redis.Redis, reply_to: str, batch_id: str, exc: BaseException) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Final
 import cloudpickle
 import redis
 
-from taskstack.errors import SignatureError
+from taskstack.errors import SharedDataGone, SignatureError
 from taskstack.sharing import RESOLVING, blob_key, unframe
 from taskstack.signing import Signer
 
@@ -131,7 +131,7 @@ def _download(client: redis.Redis, key: str, digest: bytes, size: int, path: Pat
     """Copy ``key`` to ``path`` in pieces (no second whole copy in this process's heap),
     checking its SHA-256 on the way."""
     if client.strlen(key) == 0:
-        raise LookupError(
+        raise SharedDataGone(
             f"shared data {digest.hex()[:12]} is no longer in Redis: its client shut "
             "down, or it went unused for SHARED_EXPIRES seconds"
         )
