@@ -68,6 +68,8 @@ class Settings:
     """Host address the published ports bind to."""
     task_modules: tuple[str, ...] = ("tasks",)
     """Modules a worker imports at start to register its Celery tasks (a team's own too)."""
+    metrics_port: int = 9808
+    """Port of each worker's Prometheus endpoint (item metrics), never published; 0 turns them off."""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.redis_url)
@@ -89,6 +91,11 @@ class Settings:
         _positive("WORKER_MAX_MEMORY_PER_CHILD", self.max_memory_per_child)
         _positive("MAX_PAYLOAD_BYTES", self.max_payload_bytes)
         _positive("REDIS_RETRY_SECONDS", self.redis_retry_seconds)
+        if not 0 <= self.metrics_port < 65536:
+            raise SettingsError(
+                f"WORKER_METRICS_PORT must be a port number, or 0 for no metrics, "
+                f"got {self.metrics_port}"
+            )
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -265,5 +272,6 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "flower_password": ("FLOWER_PASSWORD", str),
     "bind_address": ("BIND_ADDRESS", str),
     "task_modules": ("TASK_MODULES", _modules),
+    "metrics_port": ("WORKER_METRICS_PORT", int),
 }
 """Settings field -> (environment variable, parser)."""

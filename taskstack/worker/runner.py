@@ -25,6 +25,7 @@ from taskstack import claims, names
 from taskstack.connections import shared
 from taskstack.errors import PayloadTooLarge, SignatureError
 from taskstack.signing import Signer
+from taskstack.worker import metrics
 from taskstack.worker.calls import initialize, pack_outcomes, run_calls
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def _run_batch(
     else:
         outcomes = run_calls(calls, skip, lambda: bool(stop_keys and client.exists(*stop_keys)))
     seconds = time.perf_counter() - started
+    metrics.record_batch(task, calls, outcomes, seconds)
     _reply(
         client, reply_to, names.DONE + batch_id.encode() + pack_outcomes(signer, outcomes, seconds)
     )
