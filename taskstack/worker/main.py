@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.metrics_address,
         args.queue,
         names.node_name(args.queue, node_host),
+        settings.redis_url,
     )
     app = create_app(settings)
     worker.install(app)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
@@ -45,6 +46,8 @@ ITEM_SECONDS_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0,
 """From a call that does nearly nothing to one that fills a batch alone."""
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 """The ``outcome`` label of an item: it returned, it raised, it never ran (cancelled, stopped)."""
+QUEUE_LENGTH_TIMEOUT = 1.0
+"""Seconds a scrape waits for Redis to say how long the queue is."""
 _PID_FILE = re.compile(r"_(\d+)\.db$")
 
 
@@ -140,7 +143,7 @@ def record_batch(
             logger.exception("item metrics could not be recorded; the batches run on regardless")
 
 
-def start(port: int, address: str, queue: str, node: str) -> bool:
+def start(port: int, address: str, queue: str, node: str, redis_url: str) -> bool:
     """Serve this worker's metrics on ``address:port``, before the pool forks; False if off.
 
     A port already taken logs a warning and turns the metrics off: the worker runs
@@ -158,6 +161,7 @@ def start(port: int, address: str, queue: str, node: str) -> bool:
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     registry.register(_Collector(directory))
+    registry.register(_QueueLength(queue, redis_url))
     try:
         start_http_server(port, addr=address, registry=registry)
     except OSError as exc:
@@ -207,6 +211,37 @@ class _Collector:
                 _mark_dead(pid)
         metrics: Iterable[Metric] = self.inner.collect()  # type: ignore[no-untyped-call]
         return metrics
+
+
+class _QueueLength:
+    """The messages waiting in this worker's queue, read from Redis when scraped.
+
+    Every replica reports the same number (take ``max by (queue)``). A Redis that
+    does not answer within a second leaves the gauge out of that scrape.
+    """
+
+    def __init__(self, queue: str, redis_url: str) -> None:
+        self.queue = queue
+        self.client = redis.Redis.from_url(
+            redis_url, socket_timeout=QUEUE_LENGTH_TIMEOUT, socket_connect_timeout=1.0
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            # kombu keeps messages with a priority in lists of their own, queue\x06\x16<p>.
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in (self.queue, *(f"{self.queue}\x06\x16{p}" for p in range(1, 10))):
+                    pipe.llen(key)
+                waiting = sum(pipe.execute())
+        except redis.RedisError:
+            return []
+        gauge = GaugeMetricFamily(
+            "taskstack_queue_messages", "Messages waiting in a queue.", labels=["queue"]
+        )
+        gauge.add_metric([self.queue], waiting)
+        return [gauge]
 
 
 def _pids(directory: str) -> Iterator[int]:

@@ -36,7 +36,7 @@ def test_a_joblib_batch_is_named_after_its_calls_and_counts_them() -> None:
 
 
 def test_port_zero_turns_metrics_off() -> None:
-    assert metrics.start(0, "127.0.0.1", "cpu", "cpu@host") is False
+    assert metrics.start(0, "127.0.0.1", "cpu", "cpu@host", Settings().redis_url) is False
     assert Settings.from_env({"WORKER_METRICS_PORT": "0"}).metrics_port == 0
 
 
