@@ -28,6 +28,8 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
 SCRAPE_SECONDS = 5
 """services/prometheus/prometheus.yml's scrape and evaluation interval."""
+LOAD_SECONDS = 100
+"""A warm-up, the minute compared, and room for the last evaluations after it."""
 GRAFANA_DASHBOARD = ROOT / "services" / "grafana" / "taskstack-dashboard.json"
 
 
@@ -59,11 +61,12 @@ class Load:
     started: float
     seen: list[float] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 @pytest.fixture(scope="module")
 def load(stack: Stack) -> Iterator[Load]:
-    """About 80 s of steady load (cpu replicas sleeping 20 ms per item), with a few
+    """About 100 s of steady load (cpu replicas sleeping 20 ms per item), with a few
     failing calls, in the background; the client counts its results itself."""
     load = Load(time.time())
 
@@ -72,7 +75,7 @@ def load(stack: Stack) -> Iterator[Load]:
             with ClusterExecutor(settings=stack.client_settings) as executor:
                 failing = [executor.submit(wait, -1.0) for _ in range(5)]
                 results = executor.map_unordered(wait, [0.02] * 100_000, chunksize=25)
-                end = load.started + 80
+                end = load.started + LOAD_SECONDS
                 for _ in results:
                     load.seen.append(time.time())
                     if load.seen[-1] > end:
@@ -80,6 +83,9 @@ def load(stack: Stack) -> Iterator[Load]:
                 # Leaving the map early cancels what has not started.
                 cast(Generator[float, None, None], results).close()
                 assert all(isinstance(f.exception(), ValueError) for f in failing)
+        except BaseException as exc:  # shown by the tests that wait on the load
+            load.error = exc
+            raise
         finally:
             load.done.set()
 
@@ -168,10 +174,11 @@ def test_items_per_second_agree_with_the_clients_count(stack: Stack, load: Load)
     # A minute of steady load after a warm-up of 15 s, and one more evaluation after it.
     at = load.started + 75
     wait_for(
-        lambda: load.seen and load.seen[-1] > at + 2 * SCRAPE_SECONDS,
+        lambda: (load.seen and load.seen[-1] > at + 2 * SCRAPE_SECONDS) or load.done.is_set(),
         180,
         "results past the minute",
     )
+    assert load.error is None and load.seen[-1] > at + 2 * SCRAPE_SECONDS, load.error
     shown = value(stack, "sum(taskstack:items:rate1m)", at)
     counted = sum(1 for t in load.seen if at - 60 < t <= at) / 60
     assert shown is not None and counted > 0
