@@ -31,13 +31,14 @@ RANGE: Final = "15m"
 """How far back each graph reaches when the page opens."""
 
 
-def url(base: str = "http://127.0.0.1:9090") -> str:
-    """The graph page of the Prometheus at ``base`` with every panel of :data:`PANELS`."""
+def url(base: str = "http://127.0.0.1:9090", span: str = RANGE) -> str:
+    """The graph page of the Prometheus at ``base`` with every panel of :data:`PANELS`,
+    each graph reaching ``span`` back."""
     params: dict[str, str] = {}
     for index, (_, query) in enumerate(PANELS):
         params[f"g{index}.expr"] = query
         params[f"g{index}.tab"] = "0"  # the graph, not the table
-        params[f"g{index}.range_input"] = RANGE
+        params[f"g{index}.range_input"] = span
     return f"{base.rstrip('/')}/graph?{urlencode(params)}"
 
 

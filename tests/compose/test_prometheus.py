@@ -149,24 +149,27 @@ def test_flower_in_a_browser_shows_every_replica_and_names_the_work(
             expect(tab.get_by_text(node, exact=True)).to_be_visible(timeout=60_000)
         screenshot(tab, "flower-workers", tmp_path)
         tab.goto(f"{base}/tasks")
-        # Each executor batch's row names its function (kwargsrepr), not tasks.run_batch alone.
-        expect(tab.get_by_text(f"fn={wait.__module__}.{wait.__qualname__}").first).to_be_visible(
-            timeout=60_000
-        )
+        # A batch's row names its function (its kwargs column), not tasks.run_batch alone.
+        row = tab.get_by_role("row").filter(has_text="taskstack.run_batch")
+        expect(
+            row.filter(has_text=f"fn={wait.__module__}.{wait.__qualname__}").first
+        ).to_be_visible(timeout=60_000)
         screenshot(tab, "flower-tasks", tmp_path)
 
 
 def test_the_dashboard_in_a_browser_shows_throughput_while_a_map_runs(
     stack: Stack, load: Load, chromium: Browser, tmp_path: Path
 ) -> None:
-    wait_for(lambda: time.time() > load.started + 45, 90, "a minute of load to fill the graphs")
+    wait_for(lambda: time.time() > load.started + 60, 90, "a minute of load to fill the graphs")
     assert not load.done.is_set()  # the map still runs
-    url = dashboard.url(f"http://127.0.0.1:{stack.prometheus_port}")
+    # The last few minutes only: the stack is as new as the load.
+    url = dashboard.url(f"http://127.0.0.1:{stack.prometheus_port}", span="3m")
     with page(chromium) as tab:
         tab.goto(url)
         # The first panel is items/s per worker: its legend names the cpu replicas.
         replica = next(iter(stack.nodes("worker-cpu", names.CPU_QUEUE)))
         expect(tab.get_by_text(replica).first).to_be_visible(timeout=60_000)
+        tab.evaluate("window.scrollTo(0, 0)")
         screenshot(tab, "dashboard", tmp_path)
 
 
@@ -246,3 +249,16 @@ def test_metrics_endpoints_expose_no_secret(stack: Stack, load: Load) -> None:
 def test_worker_metrics_are_not_published_on_the_host(stack: Stack) -> None:
     for container in stack.containers("worker-cpu"):
         assert docker("port", container).strip() == ""
+
+
+def test_workers_run_on_with_prometheus_stopped(stack: Stack) -> None:
+    # The workers only serve their metrics; nothing of theirs waits on Prometheus.
+    stack.compose("stop", "prometheus")
+    try:
+        with ClusterExecutor(settings=stack.client_settings) as executor:
+            started = time.monotonic()
+            assert list(executor.map(wait, [0.01] * 600, chunksize=25)) == [0.01] * 600
+            assert time.monotonic() - started < 60
+    finally:
+        stack.compose("up", "--wait", "--no-recreate", "prometheus")
+    wait_for(lambda: value(stack, 'up{job="flower"}') == 1, 60, "Prometheus back")
