@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -309,14 +309,23 @@ def main() -> None:
         help="use the stack named by REDIS_URL/TASKSTACK_SECRET instead of a private one",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument(
+        "--metrics-overhead",
+        action="store_true",
+        help="also time the tiny workload with the workers' item metrics on and off",
+    )
     args = parser.parse_args()
 
     with nullcontext_settings() if args.use_running else private_stack(args.processes) as settings:
         report = run(settings, args)
+    if args.metrics_overhead:
+        report["metrics_overhead"] = metrics_overhead(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / "bench.png")
     print(table(report))
+    if args.metrics_overhead:
+        print(metrics_table(report["metrics_overhead"]))
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
 
 
@@ -422,6 +431,50 @@ def table(report: dict[str, Any]) -> str:
         lat = report["latency"][m]
         lines.append(f"| {m} | {rate:,.0f} | {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} |")
     return "\n".join(lines)
+
+
+def metrics_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """The tiny workload through ClusterExecutor.map on two private stacks, one whose
+    worker records item metrics (WORKER_METRICS_PORT set) and one without (0).
+
+    Both stacks are up for the whole comparison and the runs alternate, on, off,
+    on, off..., so a machine that slows down meanwhile slows both alike.
+    """
+    print("metrics on/off...", file=sys.stderr)
+    items = [calibrate(0.0001)] * args.tiny
+    expected = spin_each(items)
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    with ExitStack() as stacks:
+        executors: dict[str, ClusterExecutor] = {}
+        for mode in times:
+            with socket_port() as port:
+                pass
+            previous = os.environ.get("WORKER_METRICS_PORT")
+            os.environ["WORKER_METRICS_PORT"] = str(port) if mode == "on" else "0"
+            try:
+                settings = stacks.enter_context(private_stack(args.processes))
+            finally:
+                if previous is None:
+                    os.environ.pop("WORKER_METRICS_PORT")
+                else:
+                    os.environ["WORKER_METRICS_PORT"] = previous
+            executors[mode] = stacks.enter_context(ClusterExecutor(settings=settings))
+            list(executors[mode].map(spin, items))  # warm: per-call cost measured, imports done
+        for _ in range(args.repeat):
+            for mode, executor in executors.items():
+                times[mode].append(
+                    timed(lambda ex=executor: list(ex.map(spin, items)), expected, 1)  # type: ignore[misc]
+                )
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    return {"items": args.tiny, "on_s": on, "off_s": off, "overhead_pct": (on / off - 1) * 100}
+
+
+def metrics_table(result: dict[str, Any]) -> str:
+    return (
+        f"\nitem metrics, {result['items']:,} x 0.1 ms through ClusterExecutor.map: "
+        f"on {result['on_s']:.3f} s, off {result['off_s']:.3f} s, "
+        f"overhead {result['overhead_pct']:+.1f} %"
+    )
 
 
 if __name__ == "__main__":
