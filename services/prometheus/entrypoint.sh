@@ -40,6 +40,16 @@ case "${FLOWER_USER:=admin}" in
 esac
 sed "s|@FLOWER_USER@|$FLOWER_USER|" /etc/taskstack/prometheus.yml > "$run/prometheus.yml"
 
+# Prometheus serves its pages and API to whoever reaches its port (read-only:
+# no admin API, no lifecycle endpoints); beyond loopback, say so.
+case "${BIND_ADDRESS:-127.0.0.1}" in
+  127.* | ::1) ;;
+  *)
+    echo "taskstack-prometheus: BIND_ADDRESS=$BIND_ADDRESS publishes Prometheus, which asks" \
+         "for no password, to other hosts: keep them on a trusted network" >&2
+    ;;
+esac
+
 # exec: Prometheus becomes PID 1 and gets docker stop's SIGTERM itself.
 exec /bin/prometheus \
   --config.file="$run/prometheus.yml" \

@@ -21,7 +21,7 @@ from tasks.iowork import wait
 from taskstack import ClusterExecutor, names
 from taskstack.services import dashboard
 from tests.compose.conftest import CPU_WORKERS, ROOT, Stack, docker, flower_get
-from tests.support import http_get, wait_for
+from tests.support import http_get, print_past_capture, wait_for
 from tests.support.browser import browser, page, screenshot
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
@@ -173,7 +173,9 @@ def test_the_dashboard_in_a_browser_shows_throughput_while_a_map_runs(
         screenshot(tab, "dashboard", tmp_path)
 
 
-def test_items_per_second_agree_with_the_clients_count(stack: Stack, load: Load) -> None:
+def test_items_per_second_agree_with_the_clients_count(
+    stack: Stack, load: Load, request: pytest.FixtureRequest
+) -> None:
     # A minute of steady load after a warm-up of 15 s, and one more evaluation after it.
     at = load.started + 75
     wait_for(
@@ -185,6 +187,11 @@ def test_items_per_second_agree_with_the_clients_count(stack: Stack, load: Load)
     shown = value(stack, "sum(taskstack:items:rate1m)", at)
     counted = sum(1 for t in load.seen if at - 60 < t <= at) / 60
     assert shown is not None and counted > 0
+    print_past_capture(
+        request.config,
+        f"items/s over a minute of steady load: dashboard {shown:.1f}, client {counted:.1f} "
+        f"({(shown - counted) / counted:+.1%})",
+    )
     assert abs(shown - counted) / counted < 0.10, (shown, counted)
 
 
