@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -513,6 +513,11 @@ def main() -> None:
     add("--methods", default="", help="comma-separated subset of the method names")
     add("--probes", default="", help=f"comma-separated subset of {list(PROBES)}; 'none' for none")
     add("--fresh-worker", action="store_true", help="restart the worker before each cluster method")
+    add(
+        "--metrics-overhead",
+        action="store_true",
+        help="also time the tiny workload with the workers' item metrics on and off",
+    )
     args = parser.parse_args()
     methods = [METHODS[n] for n in _names(args.methods, METHODS, "method")]
     workloads = [WORKLOADS[n](args) for n in _names(args.workloads, WORKLOADS, "workload")]
@@ -524,10 +529,14 @@ def main() -> None:
     with stack_cm as stack:
         bench = Bench(stack, stack.processes or args.processes, args)
         report = run(bench, methods, workloads, probes)
+    if args.metrics_overhead:
+        report["metrics_overhead"] = metrics_overhead(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / "bench.png")
     print(table(report))
+    if args.metrics_overhead:
+        print(metrics_table(report["metrics_overhead"]))
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
 
 
@@ -562,6 +571,46 @@ def run(
         print(f"probe: {name}", file=sys.stderr)
         report[name] = PROBES[name](bench)
     return report
+
+
+def metrics_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """The tiny workload through ClusterExecutor.map on two private stacks, one whose
+    worker records item metrics and one whose worker does not (WORKER_METRICS_PORT=0).
+
+    Both stacks are up for the whole comparison and the runs alternate, on, off,
+    on, off..., so a machine that slows down meanwhile slows both alike.
+    """
+    print("metrics on/off...", file=sys.stderr)
+    workload = spin_workload("tiny", args.tiny, 0.0001)
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    with ExitStack() as stacks:
+        executors: dict[str, ClusterExecutor] = {}
+        for mode in times:
+            stack = stacks.enter_context(private_stack(args.processes, metrics=mode == "on"))
+            executors[mode] = stacks.enter_context(ClusterExecutor(settings=stack.settings))
+            list(executors[mode].map(workload.fn, workload.items))  # warm: the cost per call
+        for _ in range(max(args.repeat, 5)):
+            for mode, executor in executors.items():
+                started = time.perf_counter()
+                workload.check(list(executor.map(workload.fn, workload.items)))
+                times[mode].append(time.perf_counter() - started)
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    return {
+        "items": args.tiny,
+        "on_s": on,
+        "off_s": off,
+        "on_runs_s": times["on"],
+        "off_runs_s": times["off"],
+        "overhead_pct": (on / off - 1) * 100,
+    }
+
+
+def metrics_table(result: dict[str, Any]) -> str:
+    return (
+        f"\nitem metrics, {result['items']:,} x 0.1 ms through ClusterExecutor.map, median of "
+        f"{len(result['on_runs_s'])} alternating runs: on {result['on_s']:.3f} s, "
+        f"off {result['off_s']:.3f} s, overhead {result['overhead_pct']:+.1f} %"
+    )
 
 
 if __name__ == "__main__":

@@ -102,18 +102,24 @@ def worker_pss(stack: Stack) -> int | None:
     return total
 
 
-@contextmanager
-def private_stack(processes: int) -> Iterator[Stack]:
-    """A throwaway redis-server and one prefork worker of ``processes`` processes."""
-    tmp = Path(tempfile.mkdtemp(prefix="taskstack-bench-"))
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def private_stack(processes: int, *, metrics: bool = True) -> Iterator[Stack]:
+    """A throwaway redis-server and one prefork worker of ``processes`` processes, which
+    serves its item metrics (as the stack's workers do) unless ``metrics`` is False."""
+    tmp = Path(tempfile.mkdtemp(prefix="taskstack-bench-"))
+    port, metrics_port = free_port(), free_port() if metrics else 0
     settings = Settings(
         redis_url=f"redis://:{secrets.token_urlsafe(12)}@127.0.0.1:{port}/0",
         secret=secrets.token_urlsafe(32),
         cpu_concurrency=processes,
         shared_dir=str(tmp / "shared"),
+        metrics_port=metrics_port,
     )
     env = {**os.environ, **settings.to_env()}
     log = (tmp / "stack.log").open("wb")

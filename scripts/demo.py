@@ -4,7 +4,8 @@
 Counts the primes below ``--limit`` in ``--chunks`` ranges: first serially in
 this process, then on the cluster's ``cpu`` workers through ``ClusterExecutor``
 (the drop-in for ``ProcessPoolExecutor``), with a progress bar for each. Prints
-both times, the speed-up and how many ranges each worker host processed.
+both times, the speed-up and how many ranges each worker host processed, and
+where to watch the stack: Flower and the throughput dashboard (Prometheus).
 
     docker compose up --wait && python scripts/demo.py
 
@@ -15,6 +16,7 @@ it uses the defaults of ``docker compose up`` and ``taskstack-local``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.compute import count_primes, located
 from taskstack import ClusterExecutor, Settings, SettingsError
+from taskstack.services import dashboard
 
 
 def main() -> None:
@@ -35,6 +38,16 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=2_000_000, help="count primes below this")
     parser.add_argument("--chunks", type=int, default=400, help="ranges the work is split into")
+    parser.add_argument(
+        "--flower-url",
+        default=f"http://127.0.0.1:{os.environ.get('FLOWER_PORT') or 5555}",
+        help="Flower, as the browser reaches it (default: FLOWER_PORT on loopback)",
+    )
+    parser.add_argument(
+        "--prometheus-url",
+        default=f"http://127.0.0.1:{os.environ.get('PROMETHEUS_PORT') or 9090}",
+        help="Prometheus, as the browser reaches it (default: PROMETHEUS_PORT on loopback)",
+    )
     args = parser.parse_args()
     if args.limit < 2 or args.chunks < 1:
         parser.error("--limit must be at least 2 and --chunks at least 1")
@@ -71,6 +84,9 @@ def main() -> None:
     print("ranges per worker host:")
     for host, count in sorted(per_host.items()):
         print(f"  {host:<24} {count:5d}")
+    print("\nwatch the stack:")
+    print(f"  Flower (user {settings.flower_user!r}): {args.flower_url}")
+    print(f"  throughput dashboard (Prometheus): {dashboard.url(args.prometheus_url)}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ class Settings:
     """Host address the published ports bind to."""
     task_modules: tuple[str, ...] = ("tasks",)
     """Modules a worker imports at start to register its Celery tasks (a team's own too)."""
+    metrics_port: int = 9808
+    """Port of each worker's Prometheus endpoint (item metrics), never published; 0 turns them off."""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.redis_url)
@@ -97,8 +99,11 @@ class Settings:
                 "(the stack's Redis always requires one)"
             )
         for field, (name, parse) in ENV_VARS.items():  # every count, size and duration
-            if parse in (int, float):
+            if parse in (int, float) and field != "metrics_port":
                 _positive(name, getattr(self, field))
+        if not 0 <= self.metrics_port < 65536:
+            port = self.metrics_port
+            raise SettingsError(f"WORKER_METRICS_PORT must be a port number or 0, got {port}")
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -285,12 +290,9 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "flower_password": ("FLOWER_PASSWORD", str),
     "bind_address": ("BIND_ADDRESS", str),
     "task_modules": ("TASK_MODULES", _modules),
+    "metrics_port": ("WORKER_METRICS_PORT", int),
 }
 """Settings field -> (environment variable, parser)."""
 
-REPLACED_VARS = {
-    "REDIS_VISIBILITY_TIMEOUT": "live workers now renew their claims; set LEASE_SECONDS "
-    "(how long a lost worker's work stays claimed) instead, and no longer above the task "
-    "time limit",
-}
+REPLACED_VARS = {"REDIS_VISIBILITY_TIMEOUT": "workers renew their claims now; set LEASE_SECONDS"}
 """Variables of earlier releases that must not be silently ignored -> what to do instead."""

@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,12 +93,14 @@ def start_worker(redis_server: Settings, logs_dir: Path) -> Iterator[Callable[..
     started: list[Worker] = []
     probe = create_app(redis_server)
 
-    def factory(queue: str, settings: Settings | None = None) -> Worker:
+    def factory(queue: str, settings: Settings | None = None, metrics_port: int = 0) -> Worker:
         hostname = f"test-{secrets.token_hex(3)}"
         node = names.node_name(queue, hostname)
-        env = settings_env(settings or redis_server)
+        # Each worker serves its item metrics on a port of its own, as in a container.
+        metrics_port = metrics_port or free_port()
+        env = settings_env(replace(settings or redis_server, metrics_port=metrics_port))
         service = start(node, worker_command(queue, hostname), env, logs_dir)
-        worker = Worker(node, service)
+        worker = Worker(node, service, metrics_port)
         started.append(worker)
         # A worker on another Redis database answers there.
         asker = probe if settings is None else create_app(settings)

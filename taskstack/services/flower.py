@@ -15,6 +15,9 @@ from taskstack.settings import Settings
 
 PURGE_OFFLINE_WORKERS_SECONDS = 600
 """Workers offline this long leave Flower's list (replaced containers, scaled-down replicas)."""
+TASKS_COLUMNS = "name,uuid,state,kwargs,received,runtime,worker"
+"""The task list's columns: Flower's defaults plus ``kwargs``, where a batch says what it runs
+(``{fn=..., items=..., map=..., client=...}``, see taskstack/client/sending.py)."""
 
 
 def flower_argv(port: int, address: str, db: str | None) -> list[str]:
@@ -23,6 +26,7 @@ def flower_argv(port: int, address: str, db: str | None) -> list[str]:
         f"--port={port}",
         f"--address={address}",
         f"--purge_offline_workers={PURGE_OFFLINE_WORKERS_SECONDS}",
+        f"--tasks_columns={TASKS_COLUMNS}",
     ]
     if db:
         argv += ["--persistent=True", f"--db={db}", "--state_save_interval=10000"]

@@ -91,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     # honcho SIGKILLs whatever still runs 5 s after Ctrl-C: a worker needs its soft shutdown.
     honcho.manager.KILL_WAIT = STOP_GRACE_PERIOD_SECONDS
     manager = honcho.manager.Manager()
-    for queue in names.QUEUES:
-        manager.add_process(f"worker-{queue}", shlex.join(worker_command(queue)))
+    for index, queue in enumerate(names.QUEUES):
+        # One host, two workers: each serves its item metrics on a port of its own.
+        port = settings.metrics_port + index if settings.metrics_port else 0
+        env = dict(os.environ, WORKER_METRICS_PORT=str(port))
+        manager.add_process(f"worker-{queue}", shlex.join(worker_command(queue)), env=env)
     flower = flower_command(args.flower_port, args.state_dir / "flower.db")
     manager.add_process("flower", shlex.join(flower))
     print(

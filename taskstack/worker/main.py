@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from taskstack import names, worker
 from taskstack.app import create_app
 from taskstack.settings import Settings
-from taskstack.worker import shutdown
+from taskstack.worker import metrics, shutdown
 from taskstack.worker.cpus import available_cpus
 from taskstack.worker.malformed import tolerate_malformed_messages
 
@@ -57,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hostname", default="%h", help="node name after '<queue>@'")
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        help="address of the item metrics endpoint (0.0.0.0 in a container on a private network)",
+    )
+    parser.add_argument(
         "--ping", action="store_true", help="exit 0 if this host's worker answers, else 1"
     )
     args, extra = parser.parse_known_args(argv)
@@ -69,6 +74,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv = [sys.executable, "-m", "taskstack.worker.main", *sys.argv[1:]]
         os.execve(sys.executable, argv, shutdown.cold_sigterm_environ())
     tolerate_malformed_messages()
+    node_host = socket.gethostname() if args.hostname == "%h" else args.hostname
+    metrics.start(
+        settings.metrics_port,
+        args.metrics_address,
+        args.queue,
+        names.node_name(args.queue, node_host),
+        settings.redis_url,
+    )
     app = create_app(settings)
     worker.install(app)
     app.worker_main(

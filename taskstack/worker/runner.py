@@ -25,6 +25,7 @@ from taskstack import claims, names
 from taskstack.connections import shared
 from taskstack.errors import PayloadTooLarge, SharedDataGone, SignatureError
 from taskstack.signing import Signer
+from taskstack.worker import metrics
 from taskstack.worker.calls import initialize, pack_outcomes, run_calls
 from taskstack.worker.progress import Progress
 from taskstack.worker.shared_objects import host_cache
@@ -119,6 +120,7 @@ def _run_batch(
         finally:
             progress.close()
     seconds = time.perf_counter() - started
+    metrics.record_batch(task, calls[done:], outcomes, seconds)
     last = progress.sent
     ending = pack_outcomes(signer, done + last, outcomes[last:], seconds, len(outcomes))
     claims.record(client, batch_id, reply_to, names.DONE + batch_id.encode() + ending, len(calls))

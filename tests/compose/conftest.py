@@ -88,6 +88,7 @@ class Stack:
     redis_password: str
     flower_password: str
     secret: str
+    prometheus_port: int = field(default_factory=free_port)
     project: str = PROJECT
     settings: Mapping[str, str] = field(default_factory=dict, hash=False)
     """Settings variables (e.g. ``WORKER_MAX_TASKS_PER_CHILD``) given to every service."""
@@ -103,6 +104,7 @@ class Stack:
         env.update(
             REDIS_PORT=str(self.redis_port),
             FLOWER_PORT=str(self.flower_port),
+            PROMETHEUS_PORT=str(self.prometheus_port),
             REDIS_PASSWORD=self.redis_password,
             FLOWER_PASSWORD=self.flower_password,
             TASKSTACK_SECRET=self.secret,

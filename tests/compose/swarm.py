@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ from tests.compose.conftest import ROOT, Stack, new_stack
 from tests.compose.hosts import Host
 from tests.support import http_get, print_past_capture, wait_for
 
-SERVICES = ("redis", "worker-cpu", "worker-io", "flower")
+SERVICES = ("redis", "worker-cpu", "worker-io", "flower", "prometheus")
 CONVERGE_TIMEOUT = 300
 """Tasks count once their healthcheck passes; a slow first start needs minutes."""
 SHIP_TIMEOUT = 600
@@ -59,6 +60,26 @@ class SwarmStack:
     @property
     def redis_image(self) -> str:
         return f"taskstack-redis:{self.stack.env['TASKSTACK_TAG']}"
+
+    @property
+    def prometheus_image(self) -> str:
+        return f"taskstack-prometheus:{self.stack.env['TASKSTACK_TAG']}"
+
+    def promql(self, query: str) -> list[dict[str, Any]]:
+        """An instant query, asked of Prometheus from inside its container (promtool)."""
+        (container,) = self.containers("prometheus")
+        out = self.manager.docker(
+            "exec",
+            container,
+            "/bin/promtool",
+            "query",
+            "instant",
+            "--format=json",
+            "http://127.0.0.1:9090",
+            query,
+        )
+        result: list[dict[str, Any]] = json.loads(out)
+        return result
 
     @property
     def client_settings(self) -> Settings:
@@ -208,11 +229,12 @@ def deployed(
         **deployment.stack.env,
         "TASKSTACK_IMAGE": deployment.image,
         "TASKSTACK_REDIS_IMAGE": deployment.redis_image,
+        "TASKSTACK_PROMETHEUS_IMAGE": deployment.prometheus_image,
         "TASKSTACK_SECRETS_DIR": str(secrets_dir),
     }
     failed_before = request.session.testsfailed
     deployment.stack.compose("build")  # the images stack.yaml runs, as the README builds them
-    ship_images([deployment.image, deployment.redis_image], hosts)
+    ship_images([deployment.image, deployment.redis_image, deployment.prometheus_image], hosts)
     form_swarm(hosts)
     # The secrets are the stack's passwords, taken from the environment.
     run(str(ROOT / "scripts" / "swarm-secrets"), env=env)

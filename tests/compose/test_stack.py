@@ -93,9 +93,11 @@ def test_redis_refuses_clients_without_the_password(stack: Stack) -> None:
 def test_published_ports_are_bound_to_loopback(stack: Stack) -> None:
     assert stack.compose("port", "redis", "6379").strip() == f"127.0.0.1:{stack.redis_port}"
     assert stack.compose("port", "flower", "5555").strip() == f"127.0.0.1:{stack.flower_port}"
+    prometheus = f"127.0.0.1:{stack.prometheus_port}"
+    assert stack.compose("port", "prometheus", "9090").strip() == prometheus
 
 
-@pytest.mark.parametrize("service", ["worker-cpu", "worker-io", "flower", "redis"])
+@pytest.mark.parametrize("service", ["worker-cpu", "worker-io", "flower", "redis", "prometheus"])
 def test_services_run_as_non_root(stack: Stack, service: str) -> None:
     assert stack.compose("exec", "-T", service, "id", "-u").strip() != "0"
 

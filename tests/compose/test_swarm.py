@@ -112,3 +112,20 @@ def test_services_run_as_non_root(swarm: SwarmStack, service: str) -> None:
     assert ids
     for container in ids:
         assert swarm.manager.docker("exec", container, "id", "-u").strip() != "0"
+
+
+def test_prometheus_finds_every_replica_and_a_scale_up(swarm: SwarmStack) -> None:
+    def replicas_up() -> int:
+        result = swarm.promql('count(up{job="workers",service="worker-cpu"} == 1)')
+        return int(result[0]["value"][1]) if result else 0
+
+    wait_for(lambda: replicas_up() == CPU_WORKERS, 90, "Prometheus to find every cpu replica")
+    flower = swarm.promql('up{job="flower"}')
+    assert flower and flower[0]["value"][1] == "1"  # the password came from the Docker secret
+    service = swarm.service("worker-cpu")
+    swarm.manager.docker("service", "scale", "--detach", f"{service}={CPU_WORKERS + 1}")
+    try:
+        wait_for(lambda: replicas_up() == CPU_WORKERS + 1, 120, "the new replica in Prometheus")
+    finally:
+        swarm.manager.docker("service", "scale", "--detach", f"{service}={CPU_WORKERS}")
+        swarm.wait_converged({**dict.fromkeys(SERVICES, 1), "worker-cpu": CPU_WORKERS})

@@ -172,10 +172,12 @@ def start(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Servic
 
 @dataclass
 class Worker:
-    """A worker process the session started: its Celery node name and its process."""
+    """A worker process the session started: its Celery node name, its process, and the
+    loopback port of its item metrics."""
 
     node: str
     service: Service
+    metrics_port: int = 0
 
 
 # -- HTTP -------------------------------------------------------------------------------------
