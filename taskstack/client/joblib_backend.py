@@ -6,7 +6,10 @@ messages. Batch sizes come from the cost per item the workers measured (the
 executor's :class:`~taskstack.client.batching.BatchSizer`), aiming at
 ``TARGET_BATCH_SECONDS`` per batch, rather than from joblib's ramp from one:
 once the first batch of a ``Parallel`` call has run, the next batch already
-has its full size. A ``Parallel`` nested in a call that runs on the cluster
+has its full size. Like loky's, the executor outlives the ``Parallel`` call: the
+next one with the same settings and queue reuses it (no start-up, and the cost
+per item of its function already known), until the interpreter exits or a call
+is aborted. A ``Parallel`` nested in a call that runs on the cluster
 runs sequentially there, as joblib's process backends do; an aborted
 ``Parallel`` (an exception, Ctrl-C) stops its calls on the workers.
 """
@@ -14,6 +17,7 @@ runs sequentially there, as joblib's process backends do; an aborted
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -30,6 +34,11 @@ BACKEND_NAME = "taskstack"
 TARGET_BATCH_SECONDS = 0.05
 """Work per joblib batch: enough to hide the per-message cost behind the batch queued next,
 small enough that every process finishes at about the same time."""
+
+
+_executors: dict[tuple[Settings | None, str], ClusterExecutor] = {}
+"""The executor each (settings, queue) reuses across ``Parallel`` calls."""
+_executors_lock = threading.Lock()
 
 
 class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
@@ -50,11 +59,17 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self._queue = queue
         self._executor: ClusterExecutor | None = None
         self._key: ItemsKey | None = None
-        """The function this ``Parallel`` call runs, known from its first batch."""
+        """The function this ``Parallel`` call runs, known from its latest batch."""
 
     def _get_executor(self) -> ClusterExecutor:
         if self._executor is None:
-            self._executor = ClusterExecutor(settings=self._settings, queue=self._queue)
+            with _executors_lock:
+                key = (self._settings, self._queue)
+                executor = _executors.get(key)
+                if executor is None or executor._shutdown:
+                    executor = ClusterExecutor(settings=self._settings, queue=self._queue)
+                    _executors[key] = executor
+                self._executor = executor
         return self._executor
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
@@ -88,10 +103,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
     def submit(
         self, func: Callable[[], Any], callback: Callable[[Any], None] | None = None
     ) -> Future[Any]:
-        if self._key is None:
-            inner = joblib_items(func)
-            if inner:
-                self._key = ItemsKey(cost_key(inner[0][0]))
+        inner = joblib_items(func)
+        if inner:  # the function of the latest batch: a Parallel reused for another one
+            self._key = ItemsKey(cost_key(inner[0][0]))
         future = self._get_executor().submit(func)
         if callback is not None:
             future.add_done_callback(callback)
@@ -101,14 +115,18 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         return future.result()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
+        """Stop every call of the executor on the workers, and start afresh next time."""
         if self._executor is not None:
+            with _executors_lock:
+                for key, executor in list(_executors.items()):
+                    if executor is self._executor:
+                        del _executors[key]
             self._executor.terminate()
             self._executor = None
 
     def terminate(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """The end of a ``Parallel`` call: the executor stays for the next one."""
+        self._executor = None
         self.reset_batch_stats()
 
 
