@@ -49,13 +49,17 @@ class BatchSizer:
         """Calls to put in the next batch, out of ``remaining`` unsent ones."""
         if remaining <= 0:
             return 0
-        guided = math.ceil(remaining / (2 * max(1, processes)))
+        processes = max(1, processes)
+        guided = math.ceil(remaining / (2 * processes))
         cost = self._cost.get(key)
         if cost is not None and isinstance(key, ItemsKey):
             cost *= key.per_call
         if cost is not None:
             per_second = 1.0 / max(cost, 1e-9)
-            floor = math.ceil(self.min_seconds * per_second)
+            # The floor keeps messaging from dominating, but never leaves fewer batches
+            # than processes for the rest: an estimate learnt on cheaper calls of the
+            # same function would otherwise leave processes idle at the end.
+            floor = min(math.ceil(self.min_seconds * per_second), math.ceil(remaining / processes))
             ceiling = max(1, math.floor(self.max_seconds * per_second))
             guided = min(max(guided, floor), ceiling)
         return max(1, min(guided, remaining))

@@ -23,12 +23,23 @@ def test_measured_cost_sets_a_floor_and_a_ceiling() -> None:
     sizer = BatchSizer(min_seconds=0.02, max_seconds=2.0)
     sizer.observe("cheap", calls=1000, seconds=0.1)  # 0.1 ms per call
     assert sizer.cost("cheap") == pytest.approx(1e-4)
-    assert sizer.size(10, processes=2, key="cheap") == 10  # never more than remaining
+    assert sizer.size(10, processes=2, key="cheap") == 5  # the rest, over every process
     assert sizer.size(5000, processes=2, key="cheap") == 1250
     assert sizer.size(600, processes=2, key="cheap") == 200  # floor: 20 ms of work
     sizer.observe("slow", calls=2, seconds=2.0)  # 1 s per call
     assert sizer.size(100, processes=2, key="slow") == 2  # ceiling: 2 s of work
     assert sizer.size(3, processes=2, key="slow") == 1
+
+
+def test_a_cost_learnt_on_cheaper_calls_still_leaves_every_process_a_batch() -> None:
+    sizer = BatchSizer(min_seconds=0.02, max_seconds=2.0)
+    sizer.observe("spin", calls=20_000, seconds=2.0)  # 0.1 ms per call, then 10 ms calls come
+    sizes, remaining = [], 400
+    while remaining:
+        sizes.append(sizer.size(remaining, processes=2, key="spin"))
+        remaining -= sizes[-1]
+    assert sizes[:3] == [200, 100, 50]  # not two batches of 200: one process would idle
+    assert len(sizes) >= 4
 
 
 def test_cost_estimate_is_smoothed() -> None:
