@@ -255,14 +255,14 @@ def plain_celery(bench: Bench) -> Iterator[Runner]:
 @method("ClusterExecutor.map", "cluster")
 def cluster_executor(bench: Bench) -> Iterator[Runner]:
     with ClusterExecutor(settings=bench.settings) as executor:
-        executor.submit(noop).result(timeout=60)
+        list(executor.map(noop, range(bench.processes * 4), timeout=60))
         yield lambda w: list(executor.map(w.fn, w.items))
 
 
 @method("cluster Pool.map", "cluster")
 def cluster_pool(bench: Bench) -> Iterator[Runner]:
     with Pool(settings=bench.settings) as pool:
-        pool.apply(noop)
+        pool.map(noop, range(bench.processes * 4))
         yield lambda w: pool.map(w.fn, w.items)
 
 
@@ -371,28 +371,32 @@ def submit_rate(settings: Settings, count: int) -> dict[str, float]:
 
 
 def latency(settings: Settings, samples: int) -> dict[str, dict[str, float]]:
-    """One call at a time: p50 and p99 round trip in milliseconds."""
+    """One call at a time: p50 and p99 round trip in milliseconds.
 
-    def percentiles(run: Callable[[], Any]) -> dict[str, float]:
-        run()
-        times = []
-        for _ in range(samples):
-            start = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start) * 1000)
-        q = statistics.quantiles(times, n=100)
-        return {"p50_ms": statistics.median(times), "p99_ms": q[98]}
-
+    The two methods alternate call by call (which goes first alternates too), so a
+    moment when the machine is busy costs both alike.
+    """
     app = create_app(settings)
     with ClusterExecutor(settings=settings) as executor:
-        out = {
-            "ClusterExecutor.submit": percentiles(lambda: executor.submit(noop, 1).result()),
-            "plain Celery send_task": percentiles(
-                lambda: app.send_task(names.NOOP, (1,)).get(timeout=60)
-            ),
+        runs: dict[str, Callable[[], Any]] = {
+            "ClusterExecutor.submit": lambda: executor.submit(noop, 1).result(timeout=60),
+            "plain Celery send_task": lambda: app.send_task(names.NOOP, (1,)).get(timeout=60),
         }
+        for run in runs.values():
+            for _ in range(20):  # connections, imports, the workers' first calls
+                run()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        order = list(runs)
+        for i in range(samples):
+            for name in order if i % 2 else order[::-1]:
+                start = time.perf_counter()
+                runs[name]()
+                times[name].append((time.perf_counter() - start) * 1000)
     app.close()
-    return out
+    return {
+        name: {"p50_ms": statistics.median(t), "p99_ms": statistics.quantiles(t, n=100)[98]}
+        for name, t in times.items()
+    }
 
 
 PROBES: dict[str, Callable[[Bench], Any]] = {
@@ -507,7 +511,7 @@ def main() -> None:
     add("--shared-calls", type=int, default=1000, help="calls in the shared-array workload")
     add("--shared-mb", type=int, default=50, help="size of the shared array")
     add("--submits", type=int, default=5_000, help="individually submitted no-op calls")
-    add("--latency-samples", type=int, default=300)
+    add("--latency-samples", type=int, default=2000)
     add("--repeat", type=int, default=3, help="repetitions; each runs every method once")
     add("--workloads", default="", help=f"comma-separated subset of {list(WORKLOADS)}")
     add("--methods", default="", help="comma-separated subset of the method names")

@@ -36,6 +36,10 @@ _START = """
 if redis.call('hexists', KEYS[1], 'all') == 1 then return {'all'} end
 redis.call('hset', KEYS[1], 'started', '1')
 redis.call('expire', KEYS[1], ARGV[1])
+if KEYS[2] then
+  redis.call('rpush', KEYS[2], ARGV[2])
+  redis.call('expire', KEYS[2], ARGV[1])
+end
 return redis.call('hgetall', KEYS[1])
 """
 
@@ -71,12 +75,20 @@ def stop_key(owner: str) -> str:
     return names.STOP_KEY_PREFIX + owner
 
 
-def start(client: redis.Redis, batch_id: str) -> tuple[set[str], int]:
+def start(
+    client: redis.Redis, batch_id: str, notify: tuple[str, bytes] | None = None
+) -> tuple[set[str], int]:
     """Take the batch for running: the fields its client set first (``all``: skip it),
-    and how many of its calls an earlier delivery already answered."""
+    and how many of its calls an earlier delivery already answered. ``notify`` is a
+    reply list and a message pushed to it in the same step, unless the batch is skipped."""
+    keys: list[str] = [claim_key(batch_id)]
+    args: list[bytes | int] = [TTL_SECONDS]
+    if notify is not None:
+        keys.append(notify[0])
+        args.append(notify[1])
     flat = [
         f.decode() if isinstance(f, bytes) else str(f)
-        for f in client.eval(_START, 1, claim_key(batch_id), TTL_SECONDS)
+        for f in client.eval(_START, len(keys), *keys, *args)
     ]
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     done = int(fields.pop("done", 0))

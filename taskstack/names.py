@@ -134,10 +134,13 @@ outcome (a batch that could not be loaded) stands for every call."""
 
 WHOLE_BATCH: Final = -1
 
-PROGRESS_SECONDS: Final = 0.01
-"""A call's outcome is sent as it finishes, unless the batch sent one less than this
-long before: then with the next call's. One reply per call when calls are slow, about
-a hundred per second and process when they are tiny."""
+PROGRESS_CALL_SECONDS: Final = 0.01
+"""A call that took at least this long has its outcome sent as it finishes: a kill
+reruns only the call that was running."""
+
+PROGRESS_SECONDS: Final = 0.05
+"""Quicker calls' outcomes are sent together, one reply per this long: at most 20
+replies a second and process, and a kill reruns at most this much finished work."""
 
 STARTED: Final = b"S"
 PROGRESS: Final = b"P"

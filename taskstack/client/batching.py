@@ -45,24 +45,41 @@ class BatchSizer:
     """Weight of the newest measurement in the running cost estimate."""
     _cost: dict[object, float] = field(default_factory=dict)
 
-    def size(self, remaining: int, processes: int, key: object = None) -> int:
-        """Calls to put in the next batch, out of ``remaining`` unsent ones."""
+    def size(self, remaining: int, processes: int, key: object = None, least: int = 0) -> int:
+        """Calls to put in the next batch, out of ``remaining`` unsent ones; a map's last
+        round keeps the size it started with (``least``, from :meth:`last_round`)."""
         if remaining <= 0:
             return 0
         processes = max(1, processes)
         guided = math.ceil(remaining / (2 * processes))
-        cost = self._cost.get(key)
-        if cost is not None and isinstance(key, ItemsKey):
-            cost *= key.per_call
-        if cost is not None:
-            per_second = 1.0 / max(cost, 1e-9)
+        per_second = self._per_second(key)
+        if per_second is not None:
             # The floor keeps messaging from dominating, but never leaves fewer batches
             # than processes for the rest: an estimate learnt on cheaper calls of the
             # same function would otherwise leave processes idle at the end.
-            floor = min(math.ceil(self.min_seconds * per_second), math.ceil(remaining / processes))
+            floor = min(self._floor(per_second), max(math.ceil(remaining / processes), least))
             ceiling = max(1, math.floor(self.max_seconds * per_second))
             guided = min(max(guided, floor), ceiling)
         return max(1, min(guided, remaining))
+
+    def last_round(self, remaining: int, processes: int, key: object = None) -> int:
+        """The batch size of a map's last round, once the rest is less than a floor's worth
+        per process (0 before): its batches run side by side, so they need not shrink
+        further, and each batch boundary costs the workers a few milliseconds."""
+        per_second = self._per_second(key)
+        share = math.ceil(remaining / max(1, processes))
+        return share if per_second is not None and share < self._floor(per_second) else 0
+
+    def _per_second(self, key: object) -> float | None:
+        cost = self._cost.get(key)
+        if cost is None:
+            return None
+        if isinstance(key, ItemsKey):
+            cost *= key.per_call
+        return 1.0 / max(cost, 1e-9)
+
+    def _floor(self, per_second: float) -> int:
+        return math.ceil(self.min_seconds * per_second)
 
     def observe(self, key: object, calls: int, seconds: float) -> None:
         """Fold a batch's measured run time into the cost estimate for ``key``."""
@@ -133,7 +150,9 @@ def carve(
     batch_id = uuid.uuid4().hex
     if isinstance(head, MapJob):
         key = cost_key(head.fn)
-        size = head.chunksize or sizer.size(head.unsent, processes, key)
+        if not head.chunksize and not head.least:
+            head.least = sizer.last_round(head.unsent, processes, key)
+        size = head.chunksize or sizer.size(head.unsent, processes, key, head.least)
         first = head.sent
         args = [] if head.cancelled else head.take(size)
         if head.cancelled or (head.input_done and not head.ahead):

@@ -69,6 +69,10 @@ class ClusterExecutor(Executor):
         self._settings = settings or Settings.from_env()
         self._app = app or create_app(self._settings)
         self._owns_app = app is None
+        if self._owns_app:
+            # Flower sees a batch once a worker receives it; a "task-sent" event per batch
+            # would cost the sender as much as the rest of Celery's send_task.
+            self._app.conf.task_send_sent_event = False
         setup = None if initializer is None else (uuid.uuid4().hex, initializer, tuple(initargs))
         try:
             self._dispatcher = Dispatcher(

