@@ -1,11 +1,13 @@
 """How many worker processes serve each queue: the workers' beacon and the clients' reader.
 
-Each worker publishes ``<processes> <expires_at> <python> <cloudpickle>`` under
-its node name in the hash ``taskstack:capacity:<queue>`` and refreshes it every
-:data:`REFRESH_SECONDS`; executor clients size their batches from the sum over
-the entries that have not expired, so a killed worker drops out by itself
+Each worker publishes ``<processes> <expires_at> <python> <cloudpickle> <host>``
+under its node name in the hash ``taskstack:capacity:<queue>`` and refreshes it
+every :data:`REFRESH_SECONDS`; executor clients size their batches from the sum
+over the entries that have not expired, so a killed worker drops out by itself
 within :data:`TTL_SECONDS`. The versions let a client refuse to send code by
-value to workers whose Python could not load it.
+value to workers whose Python could not load it; ``host`` is the token of the
+worker's shared directory (:func:`taskstack.sharing.host_token`), so a client
+that shares it writes big data there itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from celery import bootsteps
 
 from taskstack import names
 from taskstack.connections import shared
+from taskstack.sharing import host_directory, host_token
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +69,15 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
     def run(self, worker: Any) -> None:
         client = shared(worker.app.conf.broker_url)
         queues = list(worker.app.amqp.queues.consume_from)
+        try:
+            host = host_token(
+                host_directory(worker.app.conf[names.SHARED_DIR_SETTING]), create=True
+            )
+        except OSError as exc:
+            logger.warning("capacity beacon: no shared directory token (%s)", exc)
+            host = None
         while True:
-            value = f"{worker.concurrency} {time.time() + TTL_SECONDS} {VERSIONS}"
+            value = f"{worker.concurrency} {time.time() + TTL_SECONDS} {VERSIONS} {host or '-'}"
             try:
                 for queue in queues:
                     client.hset(names.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)
@@ -98,13 +108,17 @@ class Capacity:
     processes: int = 0
     pythons: frozenset[str] = field(default_factory=frozenset)
     """The Python versions (``3.12``) the workers run; empty if none announced one."""
+    hosts: frozenset[str] = field(default_factory=frozenset)
+    """The tokens of the workers' shared directories."""
 
 
 def capacity(client: redis.Redis, queue: str) -> Capacity:
-    """Processes and Python versions of live workers consuming ``queue``, per their beacons."""
+    """Processes, Python versions and shared directories of live workers consuming
+    ``queue``, per their beacons."""
     now = time.time()
     total = 0
     pythons: set[str] = set()
+    hosts: set[str] = set()
     for raw in client.hgetall(names.CAPACITY_KEY_PREFIX + queue).values():
         try:
             text = raw.decode() if isinstance(raw, bytes) else raw
@@ -112,6 +126,7 @@ def capacity(client: redis.Redis, queue: str) -> Capacity:
             if float(expires) > now:
                 total += int(processes)
                 pythons.update(versions[:1])
+                hosts.update(token for token in versions[2:3] if token != "-")
         except ValueError:
             continue
-    return Capacity(total, frozenset(pythons))
+    return Capacity(total, frozenset(pythons), frozenset(hosts))

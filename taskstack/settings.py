@@ -71,7 +71,8 @@ class Settings:
     shared_expires: int = 3600
     """Seconds shared data outlives its last use when its client does not delete it."""
     shared_dir: str = ""
-    """Directory where a worker host keeps fetched shared data; empty: the system's temp dir."""
+    """Directory where a worker host keeps shared data; a client that shares it with a live
+    worker writes there itself. Empty: the system's temp dir."""
     redis_retry_seconds: float = 30.0
     """How long a client retries a Redis that went away before its calls fail."""
     secret: str = DEFAULT_SECRET

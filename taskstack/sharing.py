@@ -25,8 +25,12 @@ shared handle becomes in a pickle. The client's store is
 from __future__ import annotations
 
 import contextvars
+import os
+import secrets
 import struct
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
 from taskstack import names
@@ -47,6 +51,47 @@ Ref = tuple[bytes, int]
 def blob_key(owner: str, digest: bytes) -> str:
     """The Redis key holding ``owner``'s copy of the bytes with this SHA-256."""
     return f"{names.SHARED_KEY_PREFIX}{owner}:{digest.hex()}"
+
+
+def uploading_key(owner: str, digest: bytes) -> str:
+    """Set while the client uploads ``blob_key(owner, digest)`` after sending its batches
+    (it wrote the bytes to the host's directory first): a worker elsewhere waits for it."""
+    return blob_key(owner, digest) + ":uploading"
+
+
+HOST_TOKEN: Final = ".host"
+"""The file in a host's shared directory that names it in the workers' capacity beacons."""
+
+
+def host_directory(configured: str, *, create: bool = True) -> Path:
+    """The host's shared directory: ``configured``, or one per user in the temp dir."""
+    base = Path(configured) if configured else Path(tempfile.gettempdir())
+    path = base / f"taskstack-shared-{os.getuid()}"
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def host_token(directory: Path, *, create: bool) -> str | None:
+    """The random token that names ``directory``: a worker makes it (the first one wins),
+    and a client that reads the token of a live worker knows it shares the directory."""
+    path = directory / HOST_TOKEN
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError:
+        return None
+    draft = directory / f"{HOST_TOKEN}.{os.getpid()}.tmp"
+    draft.write_text(secrets.token_hex(16))
+    try:
+        os.link(draft, path)  # atomic, and fails if another process got there first
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
+    return path.read_text().strip() or None
 
 
 def frame(owner: str, refs: Sequence[Ref], pickled: bytes) -> bytes:

@@ -78,7 +78,9 @@ class Dispatcher:
         except redis.RedisError as exc:
             self.redis.close()
             raise ConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
-        self.store = SharedStore.configured(self.redis, self.id, shared or Settings())
+        self.store = SharedStore.configured(
+            self.redis, self.id, shared or Settings(), hosts=lambda: self._capacity.hosts
+        )
         self._cv = threading.Condition()
         self._pending: deque[Submitted | MapJob] = deque()
         self._inflight: dict[str, InFlight] = {}

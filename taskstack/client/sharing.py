@@ -17,11 +17,17 @@ the object that owns them.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
+import logging
+import os
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import cloudpickle
@@ -29,8 +35,24 @@ import redis
 
 from taskstack.errors import PayloadTooLarge
 from taskstack.settings import Settings
-from taskstack.sharing import STORING, Ref, Shared, blob_key, frame
+from taskstack.sharing import (
+    STORING,
+    Ref,
+    Shared,
+    blob_key,
+    frame,
+    host_directory,
+    host_token,
+    uploading_key,
+)
 from taskstack.signing import Signer
+
+logger = logging.getLogger(__name__)
+
+UPLOADING_SECONDS: Final = 120
+"""The "still uploading" mark expires after this, should the client die meanwhile."""
+RELEASE_WAIT_SECONDS: Final = 30.0
+"""At shutdown, how long uploads under way may take before the keys are deleted."""
 
 LARGEST_BUFFER: Final = 512 * 1024 * 1024
 """Redis's largest string (its default ``proto-max-bulk-len``)."""
@@ -56,8 +78,16 @@ class SharedStore:
         min_bytes: int,
         max_bytes: int,
         expires: int,
+        directory: Path | None = None,
+        hosts: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self.redis = client
+        self.directory = directory
+        """This host's shared directory, if the client may write there."""
+        self.hosts = hosts
+        """The tokens of the live workers' shared directories."""
+        self._uploads: dict[bytes, concurrent.futures.Future[None]] = {}
+        self._uploader: concurrent.futures.ThreadPoolExecutor | None = None
         self.owner = owner
         self.min_bytes = min_bytes
         self.max_bytes = max_bytes
@@ -69,14 +99,22 @@ class SharedStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def configured(cls, client: redis.Redis, owner: str, settings: Settings) -> SharedStore:
-        """A store with the ``SHARED_*`` limits of ``settings``."""
+    def configured(
+        cls,
+        client: redis.Redis,
+        owner: str,
+        settings: Settings,
+        hosts: Callable[[], frozenset[str]] = frozenset,
+    ) -> SharedStore:
+        """A store with the ``SHARED_*`` settings of ``settings``."""
         return cls(
             client,
             owner,
             min_bytes=settings.shared_min_bytes,
             max_bytes=settings.shared_max_bytes,
             expires=settings.shared_expires,
+            directory=host_directory(settings.shared_dir, create=False),
+            hosts=hosts,
         )
 
     def dumps(self, signer: Signer, obj: object, memo: Memo) -> bytes:
@@ -86,8 +124,13 @@ class SharedStore:
 
     def release(self) -> None:
         """Delete everything this client stored (at shutdown)."""
+        concurrent.futures.wait(list(self._uploads.values()), timeout=RELEASE_WAIT_SECONDS)
+        if self._uploader is not None:
+            self._uploader.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             keys = [blob_key(self.owner, digest) for digest in self._stored]
+            keys += [uploading_key(self.owner, digest) for digest in self._uploads]
+            self._uploads.clear()
             self._stored.clear()
             self._handles.clear()
             self.stored_bytes = 0
@@ -151,20 +194,59 @@ class SharedStore:
                 "raise SHARED_MAX_BYTES (Redis must have the memory), or shut down "
                 "executors whose shared data is no longer needed"
             )
-        key = blob_key(self.owner, digest)
-        # One SET: redis-py writes the view to the socket as it is (no copy here), and
-        # Redis reads it straight into the value. Appending pieces instead made Redis
-        # copy the growing value at every piece: 5x slower for 50 MB.
-        self.redis.set(key, view.cast("B"), ex=self.expires)
+        view = view.cast("B")
+        local = self._local_directory()
+        if local is not None and _write(local / digest.hex(), view):
+            # This host's workers read the file; Redis gets its copy meanwhile, for the rest.
+            self.redis.set(uploading_key(self.owner, digest), b"1", ex=UPLOADING_SECONDS)
+            if self._uploader is None:
+                self._uploader = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="taskstack-upload"
+                )
+            self._uploads[digest] = self._uploader.submit(self._upload, digest, view)
+        else:
+            self._set(digest, view)
         self._stored[digest] = (size, time.monotonic())
         self.stored_bytes += size
         return digest, size
+
+    def _set(self, digest: bytes, view: memoryview) -> None:
+        # One SET: redis-py writes the view to the socket as it is (no copy here), and
+        # Redis reads it straight into the value. Appending pieces instead made Redis
+        # copy the growing value at every piece: 5x slower for 50 MB.
+        self.redis.set(blob_key(self.owner, digest), view, ex=self.expires)
+
+    def _upload(self, digest: bytes, view: memoryview) -> None:
+        """Upload in the background; a failure leaves the workers elsewhere without it
+        (their batches fail saying so) and the next use stores it again."""
+        try:
+            self._set(digest, view)
+        except redis.RedisError as exc:
+            logger.warning("shared data %s not uploaded: %s", digest.hex()[:12], exc)
+            with self._lock:
+                if self._stored.pop(digest, None) is not None:
+                    self.stored_bytes -= view.nbytes
+        finally:
+            with contextlib.suppress(redis.RedisError):  # else it expires
+                self.redis.delete(uploading_key(self.owner, digest))
+
+    def _local_directory(self) -> Path | None:
+        """This host's shared directory, if a live worker uses it too."""
+        if self.directory is None or not self.directory.is_dir():
+            return None
+        token = host_token(self.directory, create=False)
+        return self.directory if token is not None and token in self.hosts() else None
 
     def _renew(self, digest: bytes, size: int) -> bool:
         """True if Redis still holds ``digest``, its expiry renewed when a quarter ran out."""
         known = self._stored.get(digest)
         if known is None:
             return False
+        upload = self._uploads.get(digest)
+        if upload is not None:
+            if not upload.done():
+                return True
+            del self._uploads[digest]
         if time.monotonic() - known[1] < self.expires / 4:
             return True
         if self.redis.expire(blob_key(self.owner, digest), self.expires):
@@ -173,3 +255,19 @@ class SharedStore:
         del self._stored[digest]  # expired or evicted: stored again
         self.stored_bytes -= size
         return False
+
+
+def _write(path: Path, view: memoryview) -> bool:
+    """Write ``view`` to ``path`` (atomically: the workers map whole files only)."""
+    if path.exists():
+        return True  # a worker of this host fetched it already
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(draft, "wb") as file:
+            file.write(view)
+        os.replace(draft, path)
+    except OSError as exc:
+        logger.warning("could not write shared data to %s: %s", path.parent, exc)
+        draft.unlink(missing_ok=True)
+        return False
+    return True

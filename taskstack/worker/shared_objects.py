@@ -9,6 +9,12 @@ so the operating system keeps one copy in memory however many processes use
 it. A process checks the digest of a file it did not write itself before its
 first use, so nothing unverified is ever unpickled. Files unused for
 ``SHARED_EXPIRES`` seconds are deleted by the next fetch.
+
+A client on a host whose directory a live worker uses (it reads the worker's
+token, :func:`taskstack.sharing.host_token`, in the capacity beacons) writes
+the file itself and uploads to Redis after sending its batches: the workers
+of its own host never wait for Redis, and a worker elsewhere waits for the
+upload to finish.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import fcntl
 import hashlib
 import mmap
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -28,21 +33,24 @@ import cloudpickle
 import redis
 
 from taskstack.errors import SharedDataGone, SignatureError
-from taskstack.sharing import RESOLVING, blob_key, unframe
+from taskstack.sharing import (
+    HOST_TOKEN,
+    RESOLVING,
+    blob_key,
+    host_directory,
+    unframe,
+    uploading_key,
+)
 from taskstack.signing import Signer
 
 FETCH_PIECE: Final = 4 * 1024 * 1024
 """Bytes fetched per ``GETRANGE``: a big object never sits whole in a process's heap."""
+UPLOAD_WAIT_SECONDS: Final = 120.0
+"""How long a worker waits for shared data its client is still uploading (the client
+wrote it to its own host's directory first, and sent the batches meanwhile)."""
+UPLOAD_POLL_SECONDS: Final = 0.05
 KEEP_PER_PROCESS: Final = 16
 """Mapped files and loaded shared objects a process keeps at hand (least recent dropped)."""
-
-
-def host_directory(configured: str) -> Path:
-    """The host's shared directory: ``configured``, or one per user in the temp dir."""
-    base = Path(configured) if configured else Path(tempfile.gettempdir())
-    path = base / f"taskstack-shared-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
 
 
 class HostCache:
@@ -109,7 +117,7 @@ class HostCache:
                 return False
             tmp = self.directory / f".{digest.hex()}.{os.getpid()}.tmp"
             try:
-                _download(client, blob_key(owner, digest), digest, size, tmp)
+                _download(client, owner, digest, size, tmp)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -123,13 +131,21 @@ class HostCache:
         cutoff = time.time() - self.expires
         for entry in self.directory.iterdir():
             with contextlib.suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
+                if entry.name != HOST_TOKEN and entry.stat().st_mtime < cutoff:
                     entry.unlink()
 
 
-def _download(client: redis.Redis, key: str, digest: bytes, size: int, path: Path) -> None:
-    """Copy ``key`` to ``path`` in pieces (no second whole copy in this process's heap),
-    checking its SHA-256 on the way."""
+def _download(client: redis.Redis, owner: str, digest: bytes, size: int, path: Path) -> None:
+    """Copy the stored bytes to ``path`` in pieces (no second whole copy in this process's
+    heap), checking their SHA-256 on the way; first wait out an upload under way."""
+    key = blob_key(owner, digest)
+    deadline = time.monotonic() + UPLOAD_WAIT_SECONDS
+    while (
+        client.strlen(key) == 0
+        and client.exists(uploading_key(owner, digest))
+        and time.monotonic() < deadline
+    ):
+        time.sleep(UPLOAD_POLL_SECONDS)
     if client.strlen(key) == 0:
         raise SharedDataGone(
             f"shared data {digest.hex()[:12]} is no longer in Redis: its client shut "

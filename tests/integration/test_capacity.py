@@ -10,6 +10,7 @@ import redis
 from taskstack import names
 from taskstack.capacity import capacity
 from taskstack.settings import Settings
+from taskstack.sharing import host_directory, host_token
 from taskstack.worker.shutdown import EXIT_WEDGED, SHUTDOWN_DEADLINE_SECONDS, SOFT_SHUTDOWN_SECONDS
 from tests.support import Worker, wait_for
 
@@ -27,9 +28,15 @@ def test_capacity_is_announced_and_withdrawn(
         assert value is None or isinstance(value, bytes), value
         return value
 
-    processes, _expires, *_versions = wait_for(entry, 10, "the capacity entry").split()
+    processes, _expires, _python, _cloudpickle, host = (
+        wait_for(entry, 10, "the capacity entry").decode().split()
+    )
     assert int(processes) == redis_server.cpu_concurrency
-    assert capacity(redis_client, names.CPU_QUEUE).processes >= redis_server.cpu_concurrency
+    announced = capacity(redis_client, names.CPU_QUEUE)
+    assert announced.processes >= redis_server.cpu_concurrency
+    # The token of its shared directory: a client that reads the same one shares it.
+    assert host == host_token(host_directory(redis_server.shared_dir), create=False)
+    assert host in announced.hosts
     worker.service.stop(timeout=SOFT_SHUTDOWN_SECONDS + SHUTDOWN_DEADLINE_SECONDS)
     assert worker.service.process.returncode != EXIT_WEDGED
     assert redis_client.hget(key, worker.node) is None  # gone at once, not when it expires
