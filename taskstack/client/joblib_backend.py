@@ -59,6 +59,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self._queue = queue
         self._executor: ClusterExecutor | None = None
         self._key: ItemsKey | None = None
+        self._n_jobs = 1
         """The function this ``Parallel`` call runs, known from its latest batch."""
 
     def _get_executor(self) -> ClusterExecutor:
@@ -86,10 +87,19 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
     def configure(self, n_jobs: int = 1, parallel: Any = None, **kwargs: Any) -> int:
         self.parallel = parallel
         self._key = None
-        return self.effective_n_jobs(n_jobs)
+        self._n_jobs = self.effective_n_jobs(n_jobs)
+        return self._n_jobs
 
     def compute_batch_size(self) -> int:
-        """Items per batch from the measured cost per item; joblib's own guess until then."""
+        """Items per batch from the measured cost per item; joblib's own guess until then.
+
+        The first ``2 * n_jobs`` batches of a call hold one item each: joblib dispatches
+        one batch per completed one, so the batches in flight stay as many as it sent
+        first, and a process then always has its next batch queued while it runs one.
+        """
+        started = getattr(getattr(self, "parallel", None), "n_dispatched_batches", None)
+        if isinstance(started, int) and started < 2 * self._n_jobs:
+            return 1
         if self._key is not None and self._executor is not None:
             sizer = self._executor._dispatcher.sizer
             cost = sizer.cost(self._key)
