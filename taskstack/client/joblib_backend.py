@@ -5,8 +5,9 @@ joblib groups calls into batches; each of its batches becomes one
 messages. Batch sizes come from the cost per item the workers measured (the
 executor's :class:`~taskstack.client.batching.BatchSizer`), aiming at
 ``TARGET_BATCH_SECONDS`` per batch, rather than from joblib's ramp from one:
-once the first batch of a ``Parallel`` call has run, the next batch already
-has its full size. Like loky's, the executor outlives the ``Parallel`` call: the
+the first ``2 * n_jobs`` batches of a ``Parallel`` call hold one item each
+(joblib keeps as many batches in flight as it sent first: two per process),
+and the next ones already have their full size. Like loky's, the executor outlives the ``Parallel`` call: the
 next one with the same settings and queue reuses it (no start-up, and the cost
 per item of its function already known), until the interpreter exits or a call
 is aborted. A ``Parallel`` nested in a call that runs on the cluster
@@ -32,8 +33,9 @@ from taskstack.settings import Settings
 
 BACKEND_NAME = "taskstack"
 TARGET_BATCH_SECONDS = 0.2
-"""Work per joblib batch: enough to hide the per-message cost behind the batch queued next,
-small enough that every process finishes at about the same time."""
+"""Work per joblib batch (joblib's own smallest ideal batch): each batch boundary costs a
+worker process a few milliseconds, and joblib splits the last items of a call into
+small batches itself, so every process finishes at about the same time."""
 
 
 _executors: dict[tuple[Settings | None, str], ClusterExecutor] = {}

@@ -69,3 +69,25 @@ def test_batch_sizes_come_from_the_cost_the_workers_measured(
         assert cost is not None and 0.001 <= cost < 0.01  # per item, not per joblib batch
         assert backend.compute_batch_size() == math.ceil(TARGET_BATCH_SECONDS / cost)
         assert parallel.n_dispatched_batches < 300 / 4
+
+
+def test_two_batches_per_job_stay_in_flight(redis_server: Settings, cpu_worker: Worker) -> None:
+    """joblib dispatches one batch per completed one: the batches in flight stay as many
+    as it sent first, so those must be two per job, each process with one queued."""
+    with (
+        joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server),
+        joblib.Parallel(n_jobs=2) as parallel,
+    ):
+        parallel(joblib.delayed(work.nap)(0.001) for _ in range(100))  # the cost is known now
+        backend = parallel._backend
+        submitted: list[int] = []
+        submit = backend.submit
+
+        def counting(func: object, callback: object = None) -> object:
+            submitted.append(len(func.items))  # type: ignore[attr-defined]
+            return submit(func, callback)
+
+        backend.submit = counting
+        assert parallel(joblib.delayed(work.nap)(0.001) for _ in range(300)) == [0.001] * 300
+    assert submitted[:4] == [1, 1, 1, 1], submitted
+    assert max(submitted) > 10, submitted  # then full-size batches, sized from the cost
