@@ -76,8 +76,9 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
         except OSError as exc:
             logger.warning("capacity beacon: no shared directory token (%s)", exc)
             host = None
+        host = host or "-"  # a directory of its own: clients upload for it
         while True:
-            value = f"{worker.concurrency} {time.time() + TTL_SECONDS} {VERSIONS} {host or '-'}"
+            value = f"{worker.concurrency} {time.time() + TTL_SECONDS} {VERSIONS} {host}"
             try:
                 for queue in queues:
                     client.hset(names.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)
@@ -109,7 +110,7 @@ class Capacity:
     pythons: frozenset[str] = field(default_factory=frozenset)
     """The Python versions (``3.12``) the workers run; empty if none announced one."""
     hosts: frozenset[str] = field(default_factory=frozenset)
-    """The tokens of the workers' shared directories."""
+    """The tokens of the workers' shared directories (``?`` for a worker without one)."""
 
 
 def capacity(client: redis.Redis, queue: str) -> Capacity:
@@ -126,7 +127,8 @@ def capacity(client: redis.Redis, queue: str) -> Capacity:
             if float(expires) > now:
                 total += int(processes)
                 pythons.update(versions[:1])
-                hosts.update(token for token in versions[2:3] if token != "-")
+                # A worker without a token (an older one) has a directory of its own.
+                hosts.add(versions[2] if len(versions) > 2 and versions[2] != "-" else "?")
         except ValueError:
             continue
     return Capacity(total, frozenset(pythons), frozenset(hosts))

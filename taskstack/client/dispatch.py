@@ -79,7 +79,7 @@ class Dispatcher:
             self.redis.close()
             raise ConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
         self.store = SharedStore.configured(
-            self.redis, self.id, shared or Settings(), hosts=lambda: self._capacity.hosts
+            self.redis, self.id, shared or Settings(), hosts=self._hosts
         )
         self._cv = threading.Condition()
         self._pending: deque[Submitted | MapJob] = deque()
@@ -128,6 +128,10 @@ class Dispatcher:
             self._capacity = capacity.capacity(self.redis, self.queue)
         except redis.RedisError as exc:
             logger.warning("could not read worker capacity from %s: %s", self.url, exc)
+
+    def _hosts(self) -> frozenset[str]:
+        self._refresh_capacity()
+        return self._capacity.hosts
 
     @property
     def processes(self) -> int:

@@ -17,8 +17,6 @@ the object that owns them.
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import hashlib
 import logging
 import os
@@ -33,6 +31,7 @@ from typing import Any, Final
 import cloudpickle
 import redis
 
+from taskstack.client.uploads import Uploads
 from taskstack.errors import PayloadTooLarge
 from taskstack.settings import Settings
 from taskstack.sharing import (
@@ -49,10 +48,8 @@ from taskstack.signing import Signer
 
 logger = logging.getLogger(__name__)
 
-UPLOADING_SECONDS: Final = 120
-"""The "still uploading" mark expires after this, should the client die meanwhile."""
 RELEASE_WAIT_SECONDS: Final = 30.0
-"""At shutdown, how long uploads under way may take before the keys are deleted."""
+"""At shutdown, how long an upload under way may take before the keys are deleted."""
 
 LARGEST_BUFFER: Final = 512 * 1024 * 1024
 """Redis's largest string (its default ``proto-max-bulk-len``)."""
@@ -86,8 +83,8 @@ class SharedStore:
         """This host's shared directory, if the client may write there."""
         self.hosts = hosts
         """The tokens of the live workers' shared directories."""
-        self._uploads: dict[bytes, concurrent.futures.Future[None]] = {}
-        self._uploader: concurrent.futures.ThreadPoolExecutor | None = None
+        self.uploads = Uploads(client, owner, self._set, self._elsewhere)
+        self.uploads.failed = self._forget
         self.owner = owner
         self.min_bytes = min_bytes
         self.max_bytes = max_bytes
@@ -124,13 +121,10 @@ class SharedStore:
 
     def release(self) -> None:
         """Delete everything this client stored (at shutdown)."""
-        concurrent.futures.wait(list(self._uploads.values()), timeout=RELEASE_WAIT_SECONDS)
-        if self._uploader is not None:
-            self._uploader.shutdown(wait=False, cancel_futures=True)
+        owed = self.uploads.close(RELEASE_WAIT_SECONDS)
         with self._lock:
             keys = [blob_key(self.owner, digest) for digest in self._stored]
-            keys += [uploading_key(self.owner, digest) for digest in self._uploads]
-            self._uploads.clear()
+            keys += [uploading_key(self.owner, digest) for digest in owed]
             self._stored.clear()
             self._handles.clear()
             self.stored_bytes = 0
@@ -197,13 +191,8 @@ class SharedStore:
         view = view.cast("B")
         local = self._local_directory()
         if local is not None and _write(local / digest.hex(), view):
-            # This host's workers read the file; Redis gets its copy meanwhile, for the rest.
-            self.redis.set(uploading_key(self.owner, digest), b"1", ex=UPLOADING_SECONDS)
-            if self._uploader is None:
-                self._uploader = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="taskstack-upload"
-                )
-            self._uploads[digest] = self._uploader.submit(self._upload, digest, view)
+            # This host's workers map the file; Redis gets a copy once workers elsewhere need it.
+            self.uploads.add(digest, view)
         else:
             self._set(digest, view)
         self._stored[digest] = (size, time.monotonic())
@@ -216,19 +205,16 @@ class SharedStore:
         # copy the growing value at every piece: 5x slower for 50 MB.
         self.redis.set(blob_key(self.owner, digest), view, ex=self.expires)
 
-    def _upload(self, digest: bytes, view: memoryview) -> None:
-        """Upload in the background; a failure leaves the workers elsewhere without it
-        (their batches fail saying so) and the next use stores it again."""
-        try:
-            self._set(digest, view)
-        except redis.RedisError as exc:
-            logger.warning("shared data %s not uploaded: %s", digest.hex()[:12], exc)
-            with self._lock:
-                if self._stored.pop(digest, None) is not None:
-                    self.stored_bytes -= view.nbytes
-        finally:
-            with contextlib.suppress(redis.RedisError):  # else it expires
-                self.redis.delete(uploading_key(self.owner, digest))
+    def _forget(self, digest: bytes, size: int) -> None:
+        """Not in Redis after all (its upload failed): the next use stores it anew."""
+        with self._lock:
+            if self._stored.pop(digest, None) is not None:
+                self.stored_bytes -= size
+
+    def _elsewhere(self) -> bool:
+        """Whether a live worker uses another shared directory than this client's."""
+        token = None if self.directory is None else host_token(self.directory, create=False)
+        return bool(self.hosts() - {token})
 
     def _local_directory(self) -> Path | None:
         """This host's shared directory, if a live worker uses it too."""
@@ -242,11 +228,8 @@ class SharedStore:
         known = self._stored.get(digest)
         if known is None:
             return False
-        upload = self._uploads.get(digest)
-        if upload is not None:
-            if not upload.done():
-                return True
-            del self._uploads[digest]
+        if self.uploads.owed(digest):
+            return True
         if time.monotonic() - known[1] < self.expires / 4:
             return True
         if self.redis.expire(blob_key(self.owner, digest), self.expires):

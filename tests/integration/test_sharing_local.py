@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import redis
 
-from taskstack import ClusterExecutor, names
+from taskstack import ClusterExecutor, capacity, names
 from taskstack.client.sharing import Memo, SharedStore
 from taskstack.errors import SharedDataGone
 from taskstack.settings import Settings
@@ -33,9 +34,10 @@ MB = 1024 * 1024
 def test_a_client_on_a_workers_host_hands_it_the_data_without_redis(
     redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
 ) -> None:
-    # The session's worker and this client both use the default directory: one host.
+    # The session's workers and this client all use the default directory: one host.
     directory = host_directory(redis_server.shared_dir)
     array = np.random.default_rng().random(20 * MB // 8)  # a new digest
+    beacon, stranger = names.CAPACITY_KEY_PREFIX + names.CPU_QUEUE, "cpu@another-host"
     with ClusterExecutor(settings=redis_server) as executor:
         wait_for(
             lambda: host_token(directory, create=False) in executor._dispatcher._capacity.hosts,
@@ -44,15 +46,28 @@ def test_a_client_on_a_workers_host_hands_it_the_data_without_redis(
         )
         before = redis_traffic(redis_client)
         results = list(executor.map(functools.partial(work.total_plus, array), range(50)))
-        moved_out = redis_traffic(redis_client)[1] - before[1]
-        (key,) = redis_client.scan_iter(f"{names.SHARED_KEY_PREFIX}{executor._dispatcher.id}:*")
-        # Uploaded meanwhile, for workers on other hosts.
-        wait_for(lambda: redis_client.strlen(key) == array.nbytes, 30, "the upload to end")
-        assert redis_client.get(key) == array.tobytes()
+        moved_in, moved_out = (
+            a - b for a, b in zip(redis_traffic(redis_client), before, strict=True)
+        )
+        owner = executor._dispatcher.id
+        (mark,) = redis_client.scan_iter(f"{names.SHARED_KEY_PREFIX}{owner}:*")
+        assert mark.endswith(b":uploading")  # owed, not sent: no worker elsewhere needs it
+        # A worker of another host comes: it gets its copy from Redis.
+        value = f"1 {time.time() + 60} {capacity.VERSIONS} {'0' * 32}"
+        redis_client.hset(beacon, stranger, value)
+        try:
+            key = mark.removesuffix(b":uploading")
+            wait_for(lambda: redis_client.strlen(key) == array.nbytes, 30, "the upload")
+            assert redis_client.get(key) == array.tobytes()
+            wait_for(lambda: not redis_client.exists(mark), 10, "the mark to go")
+        finally:
+            redis_client.hdel(beacon, stranger)
     assert [total for total, _ in results] == pytest.approx(
         [float(array.sum()) + i for i in range(50)]
     )
+    assert moved_in < MB, f"{moved_in / MB:.1f} MB went into Redis for the client's own host"
     assert moved_out < MB, f"{moved_out / MB:.1f} MB came out of Redis to the client's own host"
+    assert not list(redis_client.scan_iter(f"{names.SHARED_KEY_PREFIX}{owner}:*"))
 
 
 def _store(client: redis.Redis, directory: Path) -> SharedStore:
@@ -65,7 +80,7 @@ def _store(client: redis.Redis, directory: Path) -> SharedStore:
         max_bytes=100 * MB,
         expires=60,
         directory=directory,
-        hosts=lambda: frozenset({token}),
+        hosts=lambda: frozenset({token, "another-host"}),  # uploaded at once
     )
 
 
@@ -76,8 +91,8 @@ def test_a_worker_on_another_host_waits_for_the_upload_under_way(
     store = _store(redis_client, host_directory(str(tmp_path / "client-host")))
     array = np.arange(100_000, dtype=np.int64)
     blob = store.dumps(signer, ([(work.total_plus, (array, 1), None)], None), Memo())
-    wait_for(lambda: all(u.done() for u in store._uploads.values()), 30, "the upload")
     (digest,) = store._stored
+    wait_for(lambda: not store.uploads.owed(digest), 30, "the upload")
     key, mark = blob_key(store.owner, digest), uploading_key(store.owner, digest)
     # Replay the moment between the batch's sending and the upload's end.
     stored = redis_client.get(key)
@@ -107,8 +122,8 @@ def test_an_upload_that_never_comes_fails_the_batch_saying_so(
     signer = Signer(redis_server.secret)
     store = _store(redis_client, host_directory(str(tmp_path / "client-host")))
     blob = store.dumps(signer, np.arange(100_000, dtype=np.int64), Memo())
-    wait_for(lambda: all(u.done() for u in store._uploads.values()), 30, "the upload")
     (digest,) = store._stored
+    wait_for(lambda: not store.uploads.owed(digest), 30, "the upload")
     redis_client.delete(blob_key(store.owner, digest))  # the client died mid-upload
     with pytest.raises(SharedDataGone, match="no longer in Redis"):
         HostCache(host_directory(str(tmp_path / "other-host")), 60).loads(
