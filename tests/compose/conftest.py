@@ -224,6 +224,23 @@ def running(request: pytest.FixtureRequest, stack: Stack) -> Generator[None, Non
         stack.compose("down", "--volumes", "--remove-orphans")
 
 
+BUILT_REPOSITORIES = ("taskstack", "taskstack-redis", "taskstack-prometheus", "taskstack-myteam")
+"""The images the tier builds, under its own tag (``test`` or ``test-<run>``)."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_images_removed() -> Iterator[None]:
+    """At the end of the tier, the images it built go: each build under the same tag
+    would otherwise leave the one before it dangling on the engine, run after run."""
+    yield
+    if docker_available():
+        tag = f"test-{RUN}" if RUN else "test"
+        images = [f"{repository}:{tag}" for repository in BUILT_REPOSITORIES]
+        subprocess.run(
+            ["docker", "image", "rm", "--force", *images], capture_output=True, timeout=300
+        )
+
+
 @pytest.fixture(scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """The whole stack with three cpu workers, fresh passwords, on free loopback ports."""
