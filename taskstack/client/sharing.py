@@ -228,7 +228,11 @@ class SharedStore:
         known = self._stored.get(digest)
         if known is None:
             return False
-        if self.uploads.owed(digest):
+        owed = self.uploads.owed(digest)
+        if owed is not None:
+            local = self._local_directory()
+            if local is not None:  # written again if the host swept it, unused for a while
+                _write(local / digest.hex(), owed)
             return True
         if time.monotonic() - known[1] < self.expires / 4:
             return True

@@ -50,7 +50,7 @@ class Uploads:
         self.elsewhere = elsewhere
         """Whether a live worker uses another shared directory than this client's."""
         self._waiting: dict[bytes, memoryview] = {}
-        self._busy: bytes | None = None
+        self._busy: tuple[bytes, memoryview] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -70,10 +70,13 @@ class Uploads:
                 self._thread.start()
         self._wake.set()
 
-    def owed(self, digest: bytes) -> bool:
-        """True while ``digest`` waits for its upload or is being uploaded."""
+    def owed(self, digest: bytes) -> memoryview | None:
+        """The bytes of ``digest`` while they wait for their upload or are being uploaded."""
         with self._lock:
-            return digest in self._waiting or self._busy == digest
+            view = self._waiting.get(digest)
+            if view is None and self._busy is not None and self._busy[0] == digest:
+                view = self._busy[1]
+            return view
 
     def close(self, timeout: float) -> list[bytes]:
         """Stop (an upload under way ends first, within ``timeout``); the digests whose
@@ -85,7 +88,7 @@ class Uploads:
         with self._lock:
             left = list(self._waiting)
             if self._busy is not None:
-                left.append(self._busy)
+                left.append(self._busy[0])
             self._waiting.clear()
         return left
 
@@ -110,7 +113,7 @@ class Uploads:
                     return
                 digest, view = next(iter(self._waiting.items()))
                 del self._waiting[digest]
-                self._busy = digest
+                self._busy = (digest, view)
             try:
                 self.upload(digest, view)
             except redis.RedisError as exc:

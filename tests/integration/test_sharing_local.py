@@ -6,6 +6,7 @@ whose workers wait for that upload (taskstack/worker/shared_objects.py).
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 import time
 import uuid
@@ -52,6 +53,13 @@ def test_a_client_on_a_workers_host_hands_it_the_data_without_redis(
         owner = executor._dispatcher.id
         (mark,) = redis_client.scan_iter(f"{names.SHARED_KEY_PREFIX}{owner}:*")
         assert mark.endswith(b":uploading")  # owed, not sent: no worker elsewhere needs it
+        path = directory / hashlib.sha256(array.tobytes()).hexdigest()
+        path.unlink()  # swept by the host, unused for SHARED_EXPIRES
+        again = list(executor.map(functools.partial(work.total_plus, array), range(4)))
+        assert path.exists(), "the next map did not write the swept file again"
+        assert [total for total, _ in again] == pytest.approx(
+            [float(array.sum()) + i for i in range(4)]
+        )
         # A worker of another host comes: it gets its copy from Redis.
         value = f"1 {time.time() + 60} {capacity.VERSIONS} {'0' * 32}"
         redis_client.hset(beacon, stranger, value)
@@ -92,7 +100,7 @@ def test_a_worker_on_another_host_waits_for_the_upload_under_way(
     array = np.arange(100_000, dtype=np.int64)
     blob = store.dumps(signer, ([(work.total_plus, (array, 1), None)], None), Memo())
     (digest,) = store._stored
-    wait_for(lambda: not store.uploads.owed(digest), 30, "the upload")
+    wait_for(lambda: store.uploads.owed(digest) is None, 30, "the upload")
     key, mark = blob_key(store.owner, digest), uploading_key(store.owner, digest)
     # Replay the moment between the batch's sending and the upload's end.
     stored = redis_client.get(key)
@@ -123,7 +131,7 @@ def test_an_upload_that_never_comes_fails_the_batch_saying_so(
     store = _store(redis_client, host_directory(str(tmp_path / "client-host")))
     blob = store.dumps(signer, np.arange(100_000, dtype=np.int64), Memo())
     (digest,) = store._stored
-    wait_for(lambda: not store.uploads.owed(digest), 30, "the upload")
+    wait_for(lambda: store.uploads.owed(digest) is None, 30, "the upload")
     redis_client.delete(blob_key(store.owner, digest))  # the client died mid-upload
     with pytest.raises(SharedDataGone, match="no longer in Redis"):
         HostCache(host_directory(str(tmp_path / "other-host")), 60).loads(
