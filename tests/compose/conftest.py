@@ -12,6 +12,7 @@ that import it from this file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -171,15 +172,21 @@ def new_stack(project: str = PROJECT, **settings: str) -> Stack:
     unknown = set(settings) - SETTINGS_VARIABLES
     if unknown:
         raise ValueError(f"not settings variables: {sorted(unknown)}")
+    project = f"{project}-{RUN}" if RUN else project
+    PROJECTS.add(project)
     return Stack(
         redis_port=free_port(),
         flower_port=free_port(),
         redis_password=secrets.token_urlsafe(16),
         flower_password=secrets.token_urlsafe(12),
         secret=secrets.token_urlsafe(32),
-        project=f"{project}-{RUN}" if RUN else project,
+        project=project,
         settings=settings,
     )
+
+
+PROJECTS: set[str] = set()
+"""The compose projects this run described: the images built for them are its own."""
 
 
 def show_logs(config: pytest.Config, stack: Stack, tail: int = 50) -> None:
@@ -230,15 +237,26 @@ BUILT_REPOSITORIES = ("taskstack", "taskstack-redis", "taskstack-prometheus", "t
 
 @pytest.fixture(scope="session", autouse=True)
 def built_images_removed() -> Iterator[None]:
-    """At the end of the tier, the images it built go: each build under the same tag
-    would otherwise leave the one before it dangling on the engine, run after run."""
+    """At the end of the tier, the images it built go: those under its own tag, and those
+    a later build under the same tag left dangling (Compose labels each build with its
+    project, so every project of the run builds an image of its own)."""
     yield
-    if docker_available():
-        tag = f"test-{RUN}" if RUN else "test"
-        images = [f"{repository}:{tag}" for repository in BUILT_REPOSITORIES]
-        subprocess.run(
-            ["docker", "image", "rm", "--force", *images], capture_output=True, timeout=300
-        )
+    if not docker_available():
+        return
+    tag = f"test-{RUN}" if RUN else "test"
+    images = [f"{repository}:{tag}" for repository in BUILT_REPOSITORIES]
+    docker = functools.partial(subprocess.run, capture_output=True, text=True, timeout=300)
+    docker(["docker", "image", "rm", "--force", *images])
+    dangling = docker(["docker", "images", "--quiet", "--filter", "dangling=true"]).stdout.split()
+    label = '{{.Id}} {{index .Config.Labels "com.docker.compose.project"}}'
+    described = docker(["docker", "image", "inspect", "--format", label, *dangling]).stdout
+    ours = [
+        image
+        for image, _, project in (line.partition(" ") for line in described.splitlines())
+        if project in PROJECTS
+    ]
+    if dangling and ours:
+        docker(["docker", "image", "rm", *ours])
 
 
 @pytest.fixture(scope="module")
