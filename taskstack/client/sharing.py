@@ -83,8 +83,7 @@ class SharedStore:
         """This host's shared directory, if the client may write there."""
         self.hosts = hosts
         """The tokens of the live workers' shared directories."""
-        self.uploads = Uploads(client, owner, self._set, self._elsewhere)
-        self.uploads.failed = self._forget
+        self.uploads = Uploads(client, owner, self._set, self._elsewhere, self._forget)
         self.owner = owner
         self.min_bytes = min_bytes
         self.max_bytes = max_bytes

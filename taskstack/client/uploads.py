@@ -42,6 +42,7 @@ class Uploads:
         owner: str,
         upload: Callable[[bytes, memoryview], None],
         elsewhere: Callable[[], bool],
+        failed: Callable[[bytes, int], None],
     ) -> None:
         self.client = client
         self.owner = owner
@@ -55,8 +56,8 @@ class Uploads:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
-        self.failed: Callable[[bytes, int], None] = lambda digest, size: None
-        """Told of an upload that failed: the next use of that data stores it anew."""
+        self.failed = failed
+        """Told of an upload that failed (digest, size): the next use stores it anew."""
 
     def add(self, digest: bytes, view: memoryview) -> None:
         """Owe Redis a copy of ``view``; its mark is set before the batches go."""
