@@ -24,6 +24,7 @@ import tempfile
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 """Where prometheus_client's multiprocess mode keeps each process's counts."""
 BATCH_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-"""Batches are sized to ~20 ms-2 s of work (taskstack/client/batching.py); the tail is for
+"""Batches are sized to ~100 ms-2 s of work (taskstack/client/batching.py); the tail is for
 slow calls."""
 ITEM_SECONDS_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 """From a call that does nearly nothing to one that fills a batch alone."""
@@ -119,17 +120,23 @@ def record_batch(
         worker = str(task.request.hostname or "unknown")
         tally: Tally[tuple[str, str]] = Tally()
         runs: Tally[str] = Tally()
-        for (fn, _, _), (ok, value) in zip(calls, outcomes, strict=False):
-            name = function_name(fn)
+        # Counted by function and success in C (a map's batch holds thousands of calls of
+        # one function); each function is named once, and only failures are looked at.
+        functions = list(map(itemgetter(0), calls))
+        by_id = dict(zip(map(id, functions), functions, strict=True))
+        counts = Tally(zip(map(id, functions), map(itemgetter(0), outcomes), strict=False))
+        for (key, ok), count in counts.items():
             if ok:
-                outcome = OK
-            elif isinstance(value[0], CancelledError):
-                outcome = SKIPPED
-            else:
-                outcome = FAILED
-            tally[name, outcome] += _items_of(fn)
+                fn = by_id[key]
+                tally[function_name(fn), OK] += count * _items_of(fn)
+        if any(not ok for _, ok in counts):
+            for fn, (ok, value) in zip(functions, outcomes, strict=False):
+                if not ok:
+                    skipped = isinstance(value[0], CancelledError)
+                    tally[function_name(fn), SKIPPED if skipped else FAILED] += _items_of(fn)
+        for (name, outcome), count in tally.items():
             if outcome != SKIPPED:
-                runs[name] += _items_of(fn)
+                runs[name] += count
         for (name, outcome), count in tally.items():
             _metrics.items.labels(name, queue, worker, outcome).inc(count)
         ran = sum(runs.values())

@@ -72,3 +72,13 @@ def test_joblib_batches_are_costed_per_item_of_the_function_inside() -> None:
     assert sizer.cost(ItemsKey(len)) == pytest.approx(0.002)
     # A message of joblib batches of 100 items each (0.2 s apiece) holds at most 2 s of work.
     assert sizer.size(1000, 1, ItemsKey(len, per_call=100)) == 10
+
+
+def test_the_default_floor_keeps_a_tiny_maps_batches_few() -> None:
+    sizer = BatchSizer()
+    sizer.observe("cheap", calls=1000, seconds=0.1)  # 0.1 ms per call: a floor of 1,000
+    sizes = _map_sizes(sizer, 20_000, "cheap")
+    # Five per process (multiprocessing.Pool sends four chunks each): every batch costs
+    # the worker's main process, Redis and the client CPU the calls would otherwise have.
+    assert len(sizes) == 10
+    assert min(sizes) >= 779
