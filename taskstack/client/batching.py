@@ -142,8 +142,15 @@ def joblib_items(fn: object) -> list[Any] | None:
     return items if isinstance(items, list) else None
 
 
+@dataclass
+class Burst:
+    """Submitted calls waiting together: like a map's, their last round keeps its size."""
+
+    least: int = 0
+
+
 def carve(
-    pending: deque[Submitted | MapJob], sizer: BatchSizer, processes: int
+    pending: deque[Submitted | MapJob], sizer: BatchSizer, processes: int, burst: Burst
 ) -> tuple[InFlight, names.Batch] | None:
     """Take the next batch off ``pending`` (the caller holds the lock that guards it).
 
@@ -167,7 +174,9 @@ def carve(
             [(head.fn, a, None) for a in args],
         )
     key = cost_key(head.fn)
-    limit = sizer.size(len(pending), processes, key)
+    # Calls submitted while a burst goes out join its last round, at the largest share.
+    burst.least = max(burst.least, sizer.last_round(len(pending), processes, key))
+    limit = sizer.size(len(pending), processes, key, burst.least)
     taken: list[Submitted] = []
     batch = InFlight(batch_id, 0, key, calls=taken)
     while pending and len(taken) < limit and isinstance(pending[0], Submitted):
@@ -178,6 +187,8 @@ def carve(
         call.future._batch = batch
         call.future._index = len(taken)
         taken.append(call)
+    if not pending or not isinstance(pending[0], Submitted):
+        burst.least = 0  # the burst is sent: the next one is sized afresh
     if not taken:
         return None
     batch.size = len(taken)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections import deque
+from typing import Any
+
 import pytest
 
-from taskstack.client.batching import BatchSizer, ItemsKey
+from taskstack.client.batching import BatchSizer, Burst, ItemsKey, Submitted, carve
+from taskstack.client.futures import ClusterFuture
+from taskstack.client.results import MapJob
 
 
 def test_guided_batches_shrink_towards_the_end() -> None:
@@ -82,3 +87,39 @@ def test_the_default_floor_keeps_a_tiny_maps_batches_few() -> None:
     # the worker's main process, Redis and the client CPU the calls would otherwise have.
     assert len(sizes) == 10
     assert min(sizes) >= 779
+
+
+def _submitted(count: int) -> list[Submitted]:
+    return [Submitted(len, ((),), None, ClusterFuture()) for _ in range(count)]
+
+
+def test_a_burst_of_submits_goes_in_one_batch_per_process_once_its_cost_is_known() -> None:
+    sizer = BatchSizer()
+    sizer.observe(len, calls=1000, seconds=0.001)  # 1 µs per call: far under the floor
+    pending: deque[Submitted | MapJob] = deque(_submitted(4000))
+    burst, sizes = Burst(), []
+    carved = carve(pending, sizer, 2, burst)
+    assert carved is not None
+    sizes.append(len(carved[1]))
+    pending.extend(_submitted(2000))  # submitted while the first batch went out
+    while pending:
+        carved = carve(pending, sizer, 2, burst)
+        assert carved is not None
+        sizes.append(len(carved[1]))
+    # Not 2000, 2000, 1000, 500, 250 ... 1: each batch of that trail costs a round trip.
+    assert sizes == [2000, 2000, 2000]
+    assert burst.least == 0  # the next burst is sized afresh
+
+
+def test_a_burst_ends_at_a_map_behind_it() -> None:
+    sizer = BatchSizer()
+    sizer.observe(len, calls=1000, seconds=0.001)
+    job: Any = MapJob(len, iter([((),)] * 10), total=10)
+    pending: deque[Submitted | MapJob] = deque([*_submitted(10), job])
+    burst, sizes = Burst(), []
+    while pending[0] is not job:
+        carved = carve(pending, sizer, 2, burst)
+        assert carved is not None
+        sizes.append(len(carved[1]))
+    assert len(sizes) == 2 and sum(sizes) == 10
+    assert burst.least == 0  # the map is sized on its own
