@@ -89,7 +89,7 @@ def worker_pss(stack: Stack) -> int | None:
     for task in Path(f"/proc/{stack.worker.pid}/task").iterdir():
         try:
             pids += [int(pid) for pid in (task / "children").read_text().split()]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
             continue
     total = 0
     for pid in pids:
@@ -97,7 +97,7 @@ def worker_pss(stack: Stack) -> int | None:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
-        except FileNotFoundError:  # a child replaced meanwhile
+        except (FileNotFoundError, ProcessLookupError):  # a child replaced meanwhile
             continue
     return total
 
