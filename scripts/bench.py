@@ -352,22 +352,37 @@ def summarize(measured: dict[str, Measured], processes: int, efficiency: bool) -
 # -- probes: calls one at a time ---------------------------------------------------------
 
 
-def submit_rate(settings: Settings, count: int) -> dict[str, float]:
-    """Individually submitted no-op calls resolved per second, executor vs plain Celery."""
-    rates = {}
-    with ClusterExecutor(settings=settings) as executor:
-        executor.submit(noop).result()
+def submit_rate(settings: Settings, count: int, repeat: int) -> dict[str, dict[str, float]]:
+    """Individually submitted no-op calls resolved per second, executor vs plain Celery:
+    median and spread of ``repeat`` rounds, the two methods alternating (a fresh executor
+    each round, as a program that starts, submits and waits)."""
+
+    def executor_rate() -> float:
+        with ClusterExecutor(settings=settings) as executor:
+            executor.submit(noop).result()
+            start = time.perf_counter()
+            futures = [executor.submit(noop, i) for i in range(count)]
+            assert [f.result() for f in futures] == list(range(count))
+            return count / (time.perf_counter() - start)
+
+    def celery_rate() -> float:
         start = time.perf_counter()
-        futures = [executor.submit(noop, i) for i in range(count)]
-        assert [f.result() for f in futures] == list(range(count))
-        rates["ClusterExecutor.submit"] = count / (time.perf_counter() - start)
+        results = [app.send_task(names.NOOP, (i,)) for i in range(count)]
+        assert [r.get(timeout=600) for r in results] == list(range(count))
+        return count / (time.perf_counter() - start)
+
     app = create_app(settings)
-    start = time.perf_counter()
-    results = [app.send_task(names.NOOP, (i,)) for i in range(count)]
-    assert [r.get(timeout=600) for r in results] == list(range(count))
-    rates["plain Celery send_task"] = count / (time.perf_counter() - start)
+    runs = {"ClusterExecutor.submit": executor_rate, "plain Celery send_task": celery_rate}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for i in range(repeat):
+        for name in order if i % 2 else order[::-1]:
+            rates[name].append(runs[name]())
     app.close()
-    return rates
+    return {
+        name: {"median": statistics.median(r), "min": min(r), "max": max(r)}
+        for name, r in rates.items()
+    }
 
 
 def latency(settings: Settings, samples: int) -> dict[str, dict[str, float]]:
@@ -400,7 +415,7 @@ def latency(settings: Settings, samples: int) -> dict[str, dict[str, float]]:
 
 
 PROBES: dict[str, Callable[[Bench], Any]] = {
-    "submit_rate_per_s": lambda b: submit_rate(b.settings, b.args.submits),
+    "submit_rate_per_s": lambda b: submit_rate(b.settings, b.args.submits, b.args.repeat),
     "latency": lambda b: latency(b.settings, b.args.latency_samples),
 }
 
@@ -434,12 +449,15 @@ def table(report: dict[str, Any]) -> str:
     if "submit_rate_per_s" in report and "latency" in report:
         lines += [
             "",
-            "| calls | no-op futures resolved / s | single call p50 (ms) | p99 (ms) |",
-            "|---|---|---|---|",
+            "| calls | no-op futures resolved / s | spread | single call p50 (ms) | p99 (ms) |",
+            "|---|---|---|---|---|",
         ]
         for m, rate in report["submit_rate_per_s"].items():
             lat = report["latency"][m]
-            lines.append(f"| {m} | {rate:,.0f} | {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} |")
+            lines.append(
+                f"| {m} | {rate['median']:,.0f} | {rate['min']:,.0f}-{rate['max']:,.0f} "
+                f"| {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} |"
+            )
     return "\n".join(lines)
 
 
