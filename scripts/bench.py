@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import multiprocessing
 import os
@@ -309,6 +310,7 @@ def measure(
                     record = out[w.name].setdefault(m.name, Measured())
                     traffic = _traffic(client)
                     memory = worker_pss(bench.stack)
+                    settle_garbage()
                     start = time.perf_counter()
                     got = run(w)
                     record.seconds.append(time.perf_counter() - start)
@@ -319,6 +321,13 @@ def measure(
                             record.worker_growth.append((worker_pss(bench.stack) or 0) - memory)
     client.close()
     return out
+
+
+def settle_garbage() -> None:
+    """Collect the harness's garbage before a timed run, so that every run starts from the
+    same collector state: a full collection of this process's heap (the workloads, the
+    results so far) falling inside a run took 60-90 ms here, a third of a submit round."""
+    gc.collect()
 
 
 def _traffic(client: redis.Redis) -> int:
@@ -360,12 +369,14 @@ def submit_rate(settings: Settings, count: int, repeat: int) -> dict[str, dict[s
     def executor_rate() -> float:
         with ClusterExecutor(settings=settings) as executor:
             executor.submit(noop).result()
+            settle_garbage()
             start = time.perf_counter()
             futures = [executor.submit(noop, i) for i in range(count)]
             assert [f.result() for f in futures] == list(range(count))
             return count / (time.perf_counter() - start)
 
     def celery_rate() -> float:
+        settle_garbage()
         start = time.perf_counter()
         results = [app.send_task(names.NOOP, (i,)) for i in range(count)]
         assert [r.get(timeout=600) for r in results] == list(range(count))
@@ -613,6 +624,7 @@ def metrics_overhead(args: argparse.Namespace) -> dict[str, Any]:
             list(executors[mode].map(workload.fn, workload.items))  # warm: the cost per call
         for _ in range(max(args.repeat, 5)):
             for mode, executor in executors.items():
+                settle_garbage()
                 started = time.perf_counter()
                 workload.check(list(executor.map(workload.fn, workload.items)))
                 times[mode].append(time.perf_counter() - started)

@@ -99,7 +99,7 @@ class BatchSizer:
         return self._cost.get(key)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Submitted:
     """One ``submit()``: its call and the future it settles."""
 
