@@ -95,6 +95,7 @@ class Uploads:
 
     def _run(self) -> None:
         renewed = time.monotonic()
+        unreachable = False
         while not self._closing.is_set():
             try:
                 if self._waiting and self.elsewhere():
@@ -102,7 +103,12 @@ class Uploads:
                 elif time.monotonic() - renewed >= UPLOADING_SECONDS / 4:
                     self._renew_marks()
                     renewed = time.monotonic()
-            except Exception:  # a Redis error or a bug: never the end of the thread
+                unreachable = False
+            except redis.RedisError as exc:  # retried each check; said once per outage
+                if not unreachable:
+                    logger.warning("shared data uploads: Redis unreachable (%s); retrying", exc)
+                unreachable = True
+            except Exception:  # a bug: never the end of the thread
                 logger.exception("shared data uploads")
             self._wake.wait(CHECK_SECONDS)
             self._wake.clear()

@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from taskstack import ClusterExecutor, capacity, names
+from taskstack.client import uploads
 from taskstack.client.sharing import Memo, SharedStore
 from taskstack.errors import SharedDataGone
 from taskstack.settings import Settings
@@ -25,7 +28,7 @@ from taskstack.sharing import blob_key, host_directory, host_token, uploading_ke
 from taskstack.signing import Signer
 from taskstack.worker.shared_objects import HostCache
 from tests.integration import work
-from tests.support import Worker, redis_traffic, wait_for
+from tests.support import Worker, free_port, redis_traffic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -142,3 +145,35 @@ def test_an_upload_that_never_comes_fails_the_batch_saying_so(
     assert np.array_equal(local.loads(signer, blob, redis_client), np.arange(100_000))
     assert local.fetched == 0
     store.release()
+
+
+def test_an_unreachable_redis_is_reported_once_while_the_upload_thread_retries(
+    redis_server: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    monkeypatch.setattr(uploads, "CHECK_SECONDS", 0.01)
+    monkeypatch.setattr(uploads, "UPLOADING_SECONDS", 1)  # the marks renewed every 0.25 s
+    checks = []
+    owed = uploads.Uploads(
+        redis.Redis.from_url(redis_server.redis_url),
+        f"test-{uuid.uuid4().hex}",
+        upload=lambda digest, view: None,
+        elsewhere=lambda: bool(checks.append(1)),  # no other host: the marks are renewed
+        failed=lambda digest, size: None,
+    )
+    digest = uuid.uuid4().bytes * 2
+    owed.add(digest, memoryview(b"data"))
+    assert redis_client.exists(uploading_key(owed.owner, digest))
+    # Redis is gone (and the client tries once per call, so that the test goes quickly).
+    owed.client = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "Redis unreachable" in r.getMessage()]
+
+    try:
+        wait_for(warnings, 30, "a warning that Redis is unreachable")
+        seen = len(checks)  # each check retries the renewal, which fails again
+        wait_for(lambda: len(checks) >= seen + 20, 30, "the thread to retry 20 times")
+    finally:
+        owed.close(5)
+    assert len(warnings()) == 1, [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback per retry
