@@ -152,12 +152,17 @@ def test_an_unreachable_redis_is_reported_once_while_the_upload_thread_retries(
 ) -> None:
     monkeypatch.setattr(uploads, "CHECK_SECONDS", 0.01)
     monkeypatch.setattr(uploads, "UPLOADING_SECONDS", 1)  # the marks renewed every 0.25 s
-    checks = []
+    checks: list[float] = []
+
+    def elsewhere() -> bool:  # no other host: the marks are renewed
+        checks.append(time.monotonic())
+        return False
+
     owed = uploads.Uploads(
         redis.Redis.from_url(redis_server.redis_url),
         f"test-{uuid.uuid4().hex}",
         upload=lambda digest, view: None,
-        elsewhere=lambda: bool(checks.append(1)),  # no other host: the marks are renewed
+        elsewhere=elsewhere,
         failed=lambda digest, size: None,
     )
     digest = uuid.uuid4().bytes * 2
