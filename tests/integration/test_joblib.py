@@ -26,6 +26,15 @@ def test_parallel_matches_sequential(redis_server: Settings, cpu_worker: Worker)
     assert got == expected
 
 
+def test_pre_dispatch_all_sends_the_whole_call_and_keeps_its_order(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
+        parallel = joblib.Parallel(n_jobs=-1, pre_dispatch="all")
+        got = parallel(joblib.delayed(work.add)(x, b=3) for x in range(2000))
+        assert got == [x + 3 for x in range(2000)]
+
+
 def test_parallel_generator_and_errors(redis_server: Settings, cpu_worker: Worker) -> None:
     with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server, n_jobs=2):
         gen = joblib.Parallel(return_as="generator")(
