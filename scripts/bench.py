@@ -361,6 +361,13 @@ def summarize(measured: dict[str, Measured], processes: int, efficiency: bool) -
 # -- probes: calls one at a time ---------------------------------------------------------
 
 
+def alternating(methods: list[str], rounds: int) -> Iterator[str]:
+    """``methods`` in turn for ``rounds`` rounds, which one goes first alternating too, so
+    that a moment when the machine is busy costs each alike."""
+    for i in range(rounds):
+        yield from methods if i % 2 else methods[::-1]
+
+
 def submit_rate(settings: Settings, count: int, repeat: int) -> dict[str, dict[str, float]]:
     """Individually submitted no-op calls resolved per second, executor vs plain Celery:
     median and spread of ``repeat`` rounds, the two methods alternating (a fresh executor
@@ -385,10 +392,8 @@ def submit_rate(settings: Settings, count: int, repeat: int) -> dict[str, dict[s
     app = create_app(settings)
     runs = {"ClusterExecutor.submit": executor_rate, "plain Celery send_task": celery_rate}
     rates: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    for i in range(repeat):
-        for name in order if i % 2 else order[::-1]:
-            rates[name].append(runs[name]())
+    for name in alternating(list(runs), repeat):
+        rates[name].append(runs[name]())
     app.close()
     return {
         name: {"median": statistics.median(r), "min": min(r), "max": max(r)}
@@ -412,12 +417,10 @@ def latency(settings: Settings, samples: int) -> dict[str, dict[str, float]]:
             for _ in range(20):  # connections, imports, the workers' first calls
                 run()
         times: dict[str, list[float]] = {name: [] for name in runs}
-        order = list(runs)
-        for i in range(samples):
-            for name in order if i % 2 else order[::-1]:
-                start = time.perf_counter()
-                runs[name]()
-                times[name].append((time.perf_counter() - start) * 1000)
+        for name in alternating(list(runs), samples):
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append((time.perf_counter() - start) * 1000)
     app.close()
     return {
         name: {"p50_ms": statistics.median(t), "p99_ms": statistics.quantiles(t, n=100)[98]}
