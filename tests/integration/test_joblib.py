@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import joblib
 import pytest
@@ -100,3 +101,36 @@ def test_two_batches_per_job_stay_in_flight(redis_server: Settings, cpu_worker: 
         assert parallel(joblib.delayed(work.nap)(0.001) for _ in range(300)) == [0.001] * 300
     assert submitted[:4] == [1, 1, 1, 1], submitted
     assert max(submitted) > 10, submitted  # then full-size batches, sized from the cost
+
+
+def test_the_batches_joblib_splits_the_end_into_are_submitted_together(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    """joblib splits a short rest of its input into ``10 * n_jobs`` batches and would
+    submit one per completed batch; the backend submits them all at once."""
+    with (
+        joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server),
+        joblib.Parallel(n_jobs=2) as parallel,
+    ):
+        parallel(joblib.delayed(work.nap)(0.001) for _ in range(100))  # the cost is known now
+        backend = parallel._backend
+        completed = 0
+        submitted: list[tuple[int, int]] = []  # (items, batches completed before it)
+        submit = backend.submit
+
+        def counting(func: Any, callback: Any = None) -> object:
+            def done(future: object) -> None:
+                nonlocal completed
+                completed += 1
+                callback(future)
+
+            submitted.append((len(func.items), completed))
+            return submit(func, done)
+
+        backend.submit = counting
+        assert parallel(joblib.delayed(work.nap)(0.001) for _ in range(300)) == [0.001] * 300
+    # 300 items are less than two full batches: after the first four batches of one
+    # item, joblib splits the other 296 into batches of 296 // 20 = 14
+    end = submitted[4:]
+    assert sum(items for items, _ in end) == 296 and max(items for items, _ in end) == 14
+    assert len({before for _, before in end}) == 1, submitted  # all in one go
