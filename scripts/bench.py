@@ -67,6 +67,7 @@ from scripts.bench_stack import (
 from tasks.compute import noop, spin
 from taskstack import JOBLIB_BACKEND, ClusterExecutor, Pool, Settings, names
 from taskstack.app import create_app
+from taskstack.client.joblib_backend import shutdown_executors
 
 Runner = Callable[["Workload"], list[Any]]
 
@@ -269,12 +270,15 @@ def cluster_pool(bench: Bench) -> Iterator[Runner]:
 
 @method("cluster joblib backend", "cluster")
 def cluster_joblib(bench: Bench) -> Iterator[Runner]:
-    with (
-        joblib.parallel_config(backend=JOBLIB_BACKEND, settings=bench.settings),
-        joblib.Parallel(n_jobs=-1) as parallel,
-    ):
-        parallel(joblib.delayed(noop)(i) for i in range(bench.processes * 4))
-        yield lambda w: list(parallel(joblib.delayed(w.fn)(item) for item in w.items))
+    try:
+        with (
+            joblib.parallel_config(backend=JOBLIB_BACKEND, settings=bench.settings),
+            joblib.Parallel(n_jobs=-1) as parallel,
+        ):
+            parallel(joblib.delayed(noop)(i) for i in range(bench.processes * 4))
+            yield lambda w: list(parallel(joblib.delayed(w.fn)(item) for item in w.items))
+    finally:
+        shutdown_executors()  # the backend's reused executor, before its stack stops
 
 
 # -- measuring ----------------------------------------------------------------------------

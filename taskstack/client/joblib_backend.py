@@ -178,6 +178,16 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self.reset_batch_stats()
 
 
+def shutdown_executors(wait: bool = True) -> None:
+    """Shut down the executors ``Parallel`` calls reuse, as
+    ``get_reusable_executor().shutdown()`` does loky's; the next call starts afresh."""
+    with _executors_lock:
+        executors = list(_executors.values())
+        _executors.clear()
+    for executor in executors:
+        executor.shutdown(wait=wait)
+
+
 def register() -> None:
     """Make ``backend="taskstack"`` available to joblib (done on ``import taskstack``)."""
     register_parallel_backend(BACKEND_NAME, ClusterBackend)
