@@ -46,6 +46,9 @@ class BatchSizer:
     """...and at most this long, so results and progress keep flowing."""
     smoothing: float = 0.3
     """Weight of the newest measurement in the running cost estimate."""
+    jump: float = 4.0
+    """A measurement this many times above or below the estimate replaces it: the calls
+    changed (other arguments), and smoothing would take a dozen batches to follow."""
     _cost: dict[object, float] = field(default_factory=dict)
 
     def size(self, remaining: int, processes: int, key: object = None, least: int = 0) -> int:
@@ -92,7 +95,10 @@ class BatchSizer:
             calls = max(1, round(calls * key.per_call))
         cost = seconds / calls
         old = self._cost.get(key)
-        self._cost[key] = cost if old is None else old + self.smoothing * (cost - old)
+        if old is None or not old / self.jump <= cost <= old * self.jump:
+            self._cost[key] = cost
+        else:
+            self._cost[key] = old + self.smoothing * (cost - old)
 
     def cost(self, key: object = None) -> float | None:
         """Estimated seconds per call for ``key``, once measured."""

@@ -71,6 +71,19 @@ def test_cost_estimate_is_smoothed() -> None:
     assert sizer.cost("f") == pytest.approx(0.2)
 
 
+def test_a_cost_far_from_the_estimate_replaces_it() -> None:
+    """Calls of the same function that became 100x dearer (other arguments) are sized
+    from their own cost at once, not after a dozen batches of smoothing."""
+    sizer = BatchSizer(smoothing=0.3, jump=4.0)
+    sizer.observe("spin", 1000, 0.1)  # 0.1 ms per call
+    sizer.observe("spin", 10, 0.1)  # then 10 ms per call
+    assert sizer.cost("spin") == pytest.approx(0.01)
+    sizer.observe("spin", 1000, 0.1)  # and back
+    assert sizer.cost("spin") == pytest.approx(0.0001)
+    sizer.observe("spin", 1000, 0.3)  # 3x: within the jump, smoothed
+    assert sizer.cost("spin") == pytest.approx(0.0001 + 0.3 * 0.0002)
+
+
 def test_joblib_batches_are_costed_per_item_of_the_function_inside() -> None:
     sizer = BatchSizer()
     sizer.observe(ItemsKey(len, per_call=100), 2, 0.4)  # two batches of 100 items in 0.4 s
