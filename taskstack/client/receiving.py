@@ -141,9 +141,11 @@ class Receiver:
                     ),
                 )
             else:
+                if ending:  # learnt first: settling runs callbacks that size the next batches
+                    self.learn(batch, *ending)
                 self.settle(batch, first, outcomes)
                 if ending:
-                    self.finish(batch, *ending)
+                    self.finish(batch)
 
     def settle(self, batch: InFlight, first: int, outcomes: list[names.Outcome]) -> None:
         """Settle the calls from ``first`` on that no earlier reply settled.
@@ -172,10 +174,13 @@ class Receiver:
         for call, (ok, value) in zip(batch.calls[start:], fresh, strict=False):
             settle(call.future, ok, value)
 
-    def finish(self, batch: InFlight, seconds: float, ran: int) -> None:
-        """A batch's last reply: learn its cost; what it left unsettled is lost."""
+    def learn(self, batch: InFlight, seconds: float, ran: int) -> None:
+        """A batch's last reply: its calls' run time, for the cost estimate."""
         if ran:
             self.dispatcher.sizer.observe(batch.key, ran, seconds)
+
+    def finish(self, batch: InFlight) -> None:
+        """A batch's last reply was settled: what it left unsettled is lost."""
         if batch.received < batch.size:
             self.settle_failure(
                 batch, RemoteError(f"the outcomes of {batch.size - batch.received} calls were lost")

@@ -6,13 +6,14 @@ import threading
 
 import pytest
 
-from taskstack import names
+from taskstack import ClusterExecutor, names
 from taskstack.app import create_app
+from taskstack.client.batching import cost_key
 from taskstack.client.dispatch import Dispatcher
 from taskstack.client.results import MapJob
 from taskstack.settings import Settings
 from tests.integration import work
-from tests.support import wait_for
+from tests.support import Worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -47,3 +48,18 @@ def test_shutdown_is_not_left_waiting_by_a_cancelled_map(redis_server: Settings)
     finally:
         dispatcher.stop(wait=True)
         app.close()
+
+
+def test_a_batch_cost_is_known_when_its_futures_settle(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    """A done-callback that submits more work (joblib's dispatch of its next batch) sizes
+    it from the cost of the batch that just finished, not from no estimate."""
+    seen: list[float | None] = []
+    with ClusterExecutor(settings=redis_server) as executor:
+        sizer = executor._dispatcher.sizer
+        future = executor.submit(work.nap, 0.01)
+        future.add_done_callback(lambda _: seen.append(sizer.cost(cost_key(work.nap))))
+        future.result(timeout=30)
+        wait_for(lambda: seen, 10, "the done-callback to run")
+    assert seen[0] is not None and seen[0] >= 0.01, seen
