@@ -124,8 +124,9 @@ Outcome = tuple[bool, Any]
 SKIPPED_CALL: Final = "cancelled before it started"
 """The outcome text of a call the worker skipped because its client cancelled it."""
 
-Segment = tuple[int, list[Outcome]]
-"""``(index of the first call, outcomes of consecutive calls)``."""
+Segment = tuple[int, list[Outcome], float, int]
+"""``(index of the first call, outcomes of consecutive calls, seconds, ran)``: and how
+long the ``ran`` calls this delivery ran so far took."""
 
 Ending = tuple[int, list[Outcome], float, int]
 """``(first, outcomes, seconds, ran)``: the last segment, and how long the ``ran``

@@ -87,8 +87,12 @@ class BatchSizer:
     def _floor(self, per_second: float) -> int:
         return math.ceil(self.min_seconds * per_second)
 
-    def observe(self, key: object, calls: int, seconds: float) -> None:
-        """Fold a batch's measured run time into the cost estimate for ``key``."""
+    def observe(self, key: object, calls: int, seconds: float, *, running: bool = False) -> None:
+        """Fold a batch's measured run time into the cost estimate for ``key``.
+
+        A batch still ``running`` (its first calls' time) only sets a missing estimate
+        or replaces one that is ``jump`` times off: the batch's own end will refine it.
+        """
         if calls <= 0:
             return
         if isinstance(key, ItemsKey):
@@ -97,7 +101,7 @@ class BatchSizer:
         old = self._cost.get(key)
         if old is None or not old / self.jump <= cost <= old * self.jump:
             self._cost[key] = cost
-        else:
+        elif not running:
             self._cost[key] = old + self.smoothing * (cost - old)
 
     def cost(self, key: object = None) -> float | None:

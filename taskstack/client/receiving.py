@@ -142,9 +142,9 @@ class Receiver:
                 )
             else:
                 if ending:  # learnt first: settling runs callbacks that size the next batches
-                    self.learn(batch, *ending)
+                    self.learn(batch, *ending, running=kind == names.PROGRESS)
                 self.settle(batch, first, outcomes)
-                if ending:
+                if kind == names.DONE:
                     self.finish(batch)
 
     def settle(self, batch: InFlight, first: int, outcomes: list[names.Outcome]) -> None:
@@ -174,10 +174,10 @@ class Receiver:
         for call, (ok, value) in zip(batch.calls[start:], fresh, strict=False):
             settle(call.future, ok, value)
 
-    def learn(self, batch: InFlight, seconds: float, ran: int) -> None:
-        """A batch's last reply: its calls' run time, for the cost estimate."""
+    def learn(self, batch: InFlight, seconds: float, ran: int, *, running: bool) -> None:
+        """How long a batch's ``ran`` calls took (so far, if ``running``): for the cost."""
         if ran:
-            self.dispatcher.sizer.observe(batch.key, ran, seconds)
+            self.dispatcher.sizer.observe(batch.key, ran, seconds, running=running)
 
     def finish(self, batch: InFlight) -> None:
         """A batch's last reply was settled: what it left unsettled is lost."""

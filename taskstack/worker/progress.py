@@ -1,7 +1,9 @@
 """A running batch's outcomes, sent as its calls finish.
 
-Each segment of finished calls is pushed to the client's reply list together
-with the count of calls answered, in one Lua call (:data:`taskstack.claims.PROGRESS_SCRIPT`).
+Each segment of finished calls, with how long the calls so far took (the
+client sizes its next batches from it), is pushed to the client's reply list
+together with the count of calls answered, in one Lua call
+(:data:`taskstack.claims.PROGRESS_SCRIPT`).
 A batch redelivered after its worker died resumes after the last call whose
 outcome was sent, so a kill reruns only the calls that were running (and at
 most :data:`~taskstack.names.PROGRESS_SECONDS` of finished quick ones).
@@ -42,6 +44,8 @@ class Progress:
         """Outcomes (of those this delivery produced) pushed, or on their way."""
         self.confirmed = 0
         """...and those Redis confirmed: all that counts if a send goes wrong."""
+        self.started = time.perf_counter()
+        """When the batch started: a reply says how long its calls took so far."""
         self.last = self.previous = time.monotonic()
         """When the last reply went, and when the last call ended."""
         self.connection: Any = None
@@ -60,7 +64,9 @@ class Progress:
         try:
             self._settle()
             segment = outcomes[self.sent :]
-            reply = self.header + pack_outcomes(self.signer, self.first + self.sent, segment)
+            seconds = time.perf_counter() - self.started
+            first = self.first + self.sent
+            reply = self.header + pack_outcomes(self.signer, first, segment, seconds, len(outcomes))
             done = self.first + len(outcomes)
             if self.connection is None:
                 self.connection = self.client.connection_pool.get_connection()

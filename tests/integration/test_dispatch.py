@@ -63,3 +63,17 @@ def test_a_batch_cost_is_known_when_its_futures_settle(
         future.result(timeout=30)
         wait_for(lambda: seen, 10, "the done-callback to run")
     assert seen[0] is not None and seen[0] >= 0.01, seen
+
+
+def test_a_running_batch_tells_how_long_its_calls_took(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    """Its first call's outcome comes with its time: the next batches are sized from
+    that, not from a batch end that may be seconds away (or an estimate learnt on other
+    arguments)."""
+    with ClusterExecutor(settings=redis_server) as executor:
+        results = executor.map(work.nap, [0.05, 0.5], chunksize=2)  # one batch of two
+        assert next(results) == 0.05
+        cost = executor._dispatcher.sizer.cost(cost_key(work.nap))
+        assert cost is not None and cost >= 0.05  # while the second call still runs
+        assert list(results) == [0.5]

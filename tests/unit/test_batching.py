@@ -84,6 +84,17 @@ def test_a_cost_far_from_the_estimate_replaces_it() -> None:
     assert sizer.cost("spin") == pytest.approx(0.0001 + 0.3 * 0.0002)
 
 
+def test_a_running_batch_only_sets_or_corrects_the_estimate() -> None:
+    """A batch's first calls say whether the estimate is far off, not how to smooth it."""
+    sizer = BatchSizer(smoothing=0.3, jump=4.0)
+    sizer.observe("f", 2, 0.02, running=True)  # no estimate yet: taken
+    assert sizer.cost("f") == pytest.approx(0.01)
+    sizer.observe("f", 1, 0.02, running=True)  # 2x: the batch's end will tell
+    assert sizer.cost("f") == pytest.approx(0.01)
+    sizer.observe("f", 1, 0.0001, running=True)  # 100x: replaced at once
+    assert sizer.cost("f") == pytest.approx(0.0001)
+
+
 def test_joblib_batches_are_costed_per_item_of_the_function_inside() -> None:
     sizer = BatchSizer()
     sizer.observe(ItemsKey(len, per_call=100), 2, 0.4)  # two batches of 100 items in 0.4 s
