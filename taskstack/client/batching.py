@@ -50,6 +50,8 @@ class BatchSizer:
     """A measurement this many times above or below the estimate replaces it: the calls
     changed (other arguments), and smoothing would take a dozen batches to follow."""
     _cost: dict[object, float] = field(default_factory=dict)
+    _provisional: set[object] = field(default_factory=set)
+    """Keys whose estimate only a running batch's first calls gave."""
 
     def size(self, remaining: int, processes: int, key: object = None, least: int = 0) -> int:
         """Calls to put in the next batch, out of ``remaining`` unsent ones; a map's last
@@ -91,7 +93,8 @@ class BatchSizer:
         """Fold a batch's measured run time into the cost estimate for ``key``.
 
         A batch still ``running`` (its first calls' time) only sets a missing estimate
-        or replaces one that is ``jump`` times off: the batch's own end will refine it.
+        or replaces one that is ``jump`` times off, and only until a batch's end, whose
+        time replaces it rather than being smoothed into it.
         """
         if calls <= 0:
             return
@@ -101,8 +104,16 @@ class BatchSizer:
         old = self._cost.get(key)
         if old is None or not old / self.jump <= cost <= old * self.jump:
             self._cost[key] = cost
+            if running:  # a first call's time includes its process's set-up
+                self._provisional.add(key)
+            else:
+                self._provisional.discard(key)
         elif not running:
-            self._cost[key] = old + self.smoothing * (cost - old)
+            if key in self._provisional:
+                self._provisional.discard(key)
+                self._cost[key] = cost  # a whole batch outweighs its first calls
+            else:
+                self._cost[key] = old + self.smoothing * (cost - old)
 
     def cost(self, key: object = None) -> float | None:
         """Estimated seconds per call for ``key``, once measured."""

@@ -93,6 +93,10 @@ def test_a_running_batch_only_sets_or_corrects_the_estimate() -> None:
     assert sizer.cost("f") == pytest.approx(0.01)
     sizer.observe("f", 1, 0.0001, running=True)  # 100x: replaced at once
     assert sizer.cost("f") == pytest.approx(0.0001)
+    sizer.observe("f", 100, 0.03)  # the whole batch: 3x, taken over the first calls
+    assert sizer.cost("f") == pytest.approx(0.0003)
+    sizer.observe("f", 100, 0.01)  # and from then on smoothed
+    assert sizer.cost("f") == pytest.approx(0.0003 - 0.3 * 0.0002)
 
 
 def test_joblib_batches_are_costed_per_item_of_the_function_inside() -> None:
