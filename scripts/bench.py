@@ -16,12 +16,15 @@ plain Celery (one task per item), and this project's ``ClusterExecutor``,
 ``Pool`` and joblib backend; then individually submitted no-op calls and the
 round-trip latency of a single call (``PROBES``).
 
-Order does not pick the winner: every repetition runs every method, in an
-order rotated by one per repetition, so each method follows each other alike;
-``--fresh-worker`` also restarts the worker before each cluster method. The
-table shows the median and the spread (min-max) of the repetitions.
-Efficiency = serial time / (processes x time); "vs best local" = the best of
-``multiprocessing.Pool`` and loky's time / the method's. For the shared array,
+Order does not pick the winner: every repetition runs every method on one
+workload, then on the next, in an order rotated by one per repetition, so
+each method follows each other alike; each run opens the method afresh (a
+new pool or executor: nothing learnt on another run), and ``--fresh-worker``
+also restarts the worker before each cluster run. The table shows the median
+and the spread (min-max) of the repetitions. Efficiency = serial time /
+(processes x time); "vs best local" = the best of ``multiprocessing.Pool``
+and loky's time / the method's, paired within each repetition (median and
+spread of those ratios). For the shared array,
 the table adds the bytes that went through Redis per map and how much the
 worker's processes grew (their proportional set size, private stack only).
 Prints a table, writes JSON and a PNG plot.
@@ -299,30 +302,28 @@ def measure(
     client = redis.Redis.from_url(bench.settings.redis_url)
     runs = 0
     for rep in range(bench.args.repeat):
-        shift = rep % len(methods)
-        for m in methods[shift:] + methods[:shift]:
-            todo = [w for w in workloads if m.handles(w)]
-            if not todo:
-                continue
-            if m.kind == "cluster" and bench.args.fresh_worker:
-                bench.stack.restart_worker()
-            with m.open(bench) as run:
-                for workload in todo:
-                    runs += 1
-                    w = workload.fresh(runs)  # a run caches nothing for the next one
-                    print(f"[{rep + 1}/{bench.args.repeat}] {w.title}: {m.name}", file=sys.stderr)
-                    record = out[w.name].setdefault(m.name, Measured())
+        for workload in workloads:
+            todo = [m for m in methods if m.handles(workload)]
+            shift = rep % len(todo)
+            for m in todo[shift:] + todo[:shift]:
+                if m.kind == "cluster" and bench.args.fresh_worker:
+                    bench.stack.restart_worker()
+                runs += 1
+                w = workload.fresh(runs)  # a run caches nothing for the next one
+                print(f"[{rep + 1}/{bench.args.repeat}] {w.title}: {m.name}", file=sys.stderr)
+                record = out[w.name].setdefault(m.name, Measured())
+                with m.open(bench) as run:  # a fresh executor: no cost learnt on another run
                     traffic = _traffic(client)
                     memory = worker_pss(bench.stack)
                     settle_garbage()
                     start = time.perf_counter()
                     got = run(w)
                     record.seconds.append(time.perf_counter() - start)
-                    w.check(got)
-                    if w.array is not None and m.kind == "cluster":
-                        record.redis_bytes.append(_traffic(client) - traffic)
-                        if memory is not None:
-                            record.worker_growth.append((worker_pss(bench.stack) or 0) - memory)
+                w.check(got)
+                if w.array is not None and m.kind == "cluster":
+                    record.redis_bytes.append(_traffic(client) - traffic)
+                    if memory is not None:
+                        record.worker_growth.append((worker_pss(bench.stack) or 0) - memory)
     client.close()
     return out
 
@@ -353,12 +354,18 @@ def summarize(measured: dict[str, Measured], processes: int, efficiency: bool) -
         if record.worker_growth:
             rows[name]["worker_growth_mb"] = max(record.worker_growth) / 2**20
     serial = rows.get("serial", {}).get("median_s")
-    local = [rows[m]["median_s"] for m in ("multiprocessing.Pool", "joblib (loky)") if m in rows]
+    local = [measured[m].seconds for m in ("multiprocessing.Pool", "joblib (loky)") if m in rows]
+    best = [min(times) for times in zip(*local, strict=True)]  # per repetition
     for row in rows.values():
         if serial is not None and efficiency:
             row["efficiency"] = serial / (processes * row["median_s"])
-        if local:
-            row["vs_best_local"] = min(local) / row["median_s"]
+        if best:
+            # paired: each repetition against the best local run of the same repetition,
+            # minutes apart at most, so a machine that speeds up or slows down in between
+            # moves both alike
+            ratios = [b / t for b, t in zip(best, row["seconds"], strict=True)]
+            row["vs_best_local"] = statistics.median(ratios)
+            row["vs_best_local_min"], row["vs_best_local_max"] = min(ratios), max(ratios)
     return rows
 
 
@@ -441,12 +448,20 @@ PROBES: dict[str, Callable[[Bench], Any]] = {
 # -- output -------------------------------------------------------------------------------
 
 
+def _ratio(row: dict[str, Any]) -> str:
+    if "vs_best_local" not in row:
+        return ""
+    low, high = row.get("vs_best_local_min"), row.get("vs_best_local_max")
+    spread = f" ({low:.2f}-{high:.2f})" if low is not None and high is not None else ""
+    return f"{row['vs_best_local']:.2f}x{spread}"
+
+
 def table(report: dict[str, Any]) -> str:
     setup = report["setup"]
     lines = [
         f"Setup: {setup['processes']} worker processes, {setup['stack']}, {setup['cpus']} CPUs, "
         f"{setup['repeat']} repetition(s) in rotating order"
-        + (", fresh worker per cluster method" if setup["fresh_worker"] else ""),
+        + (", fresh worker per cluster run" if setup["fresh_worker"] else ""),
     ]
     for workload in report["workloads"].values():
         shared = any("redis_mb_per_map" in r for r in workload["methods"].values())
@@ -458,7 +473,7 @@ def table(report: dict[str, Any]) -> str:
                 f"{row['median_s']:.2f}",
                 f"{row['min_s']:.2f}-{row['max_s']:.2f}",
                 f"{row['efficiency']:.2f}" if "efficiency" in row else "",
-                f"{row['vs_best_local']:.2f}x" if "vs_best_local" in row else "",
+                _ratio(row),
             ]
             if shared:
                 mb = row.get("redis_mb_per_map")
@@ -501,14 +516,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         rows = {n: r for n, r in data["methods"].items() if "vs_best_local" in r}
         shown = [n for n in methods if n in rows]
         speed = [rows[n]["vs_best_local"] for n in shown]
-        low = [
-            s * (1 - rows[n]["median_s"] / rows[n]["max_s"])
-            for s, n in zip(speed, shown, strict=True)
-        ]
-        high = [
-            s * (rows[n]["median_s"] / rows[n]["min_s"] - 1)
-            for s, n in zip(speed, shown, strict=True)
-        ]
+        low = [s - rows[n]["vs_best_local_min"] for s, n in zip(speed, shown, strict=True)]
+        high = [rows[n]["vs_best_local_max"] - s for s, n in zip(speed, shown, strict=True)]
         xs = [methods.index(n) + i * width for n in shown]
         ax.bar(xs, speed, width, yerr=[low, high], capsize=2, label=data["title"])
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
