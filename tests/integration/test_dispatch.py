@@ -72,8 +72,8 @@ def test_a_running_batch_tells_how_long_its_calls_took(
     that, not from a batch end that may be seconds away (or an estimate learnt on other
     arguments)."""
     with ClusterExecutor(settings=redis_server) as executor:
-        results = executor.map(work.nap, [0.05, 0.5], chunksize=2)  # one batch of two
-        assert next(results) == 0.05
+        results = executor.map(work.nap, [0.1, 0.5], chunksize=2)  # one batch of two
+        assert next(results) == 0.1
         cost = executor._dispatcher.sizer.cost(cost_key(work.nap))
-        assert cost is not None and cost >= 0.05  # while the second call still runs
+        assert cost is not None and cost >= 0.1  # while the second call still runs
         assert list(results) == [0.5]
