@@ -451,9 +451,8 @@ PROBES: dict[str, Callable[[Bench], Any]] = {
 def _ratio(row: dict[str, Any]) -> str:
     if "vs_best_local" not in row:
         return ""
-    low, high = row.get("vs_best_local_min"), row.get("vs_best_local_max")
-    spread = f" ({low:.2f}-{high:.2f})" if low is not None and high is not None else ""
-    return f"{row['vs_best_local']:.2f}x{spread}"
+    low, high = row["vs_best_local_min"], row["vs_best_local_max"]
+    return f"{row['vs_best_local']:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def table(report: dict[str, Any]) -> str:
@@ -561,7 +560,7 @@ def main() -> None:
     add("--workloads", default="", help=f"comma-separated subset of {list(WORKLOADS)}")
     add("--methods", default="", help="comma-separated subset of the method names")
     add("--probes", default="", help=f"comma-separated subset of {list(PROBES)}; 'none' for none")
-    add("--fresh-worker", action="store_true", help="restart the worker before each cluster method")
+    add("--fresh-worker", action="store_true", help="restart the worker before each cluster run")
     add(
         "--metrics-overhead",
         action="store_true",
