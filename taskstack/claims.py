@@ -67,6 +67,11 @@ def call_field(index: int) -> str:
     return f"c{index}"
 
 
+def cancelled_calls(fields: set[str]) -> frozenset[int]:
+    """The indexes of the calls cancelled one by one, among a claim's ``fields``."""
+    return frozenset(int(f[1:]) for f in fields if f[:1] == "c" and f[1:].isdigit())
+
+
 def claim_key(batch_id: str) -> str:
     return names.CLAIM_KEY_PREFIX + batch_id
 

@@ -46,20 +46,14 @@ class Progress:
         """...and those Redis confirmed: all that counts if a send goes wrong."""
         self.started = time.perf_counter()
         """When the batch started: a reply says how long its calls took so far."""
-        self.last = self.previous = time.monotonic()
-        """When the last reply went, and when the last call ended."""
         self.connection: Any = None
         self.awaiting = False
         self.broken = False
 
-    def __call__(self, outcomes: list[names.Outcome], remaining: int) -> None:
-        """Called after each call with its outcomes so far and the calls still to run."""
-        now = time.monotonic()
-        slow = now - self.previous >= names.PROGRESS_CALL_SECONDS
-        self.previous = now
-        if self.broken or remaining == 0:
-            return
-        if not slow and now - self.last < names.PROGRESS_SECONDS:
+    def __call__(self, outcomes: list[names.Outcome]) -> None:
+        """Send the outcomes not sent yet; :func:`~taskstack.worker.calls.run_calls`
+        calls this when a reply is due."""
+        if self.broken:
             return
         try:
             self._settle()
@@ -76,7 +70,6 @@ class Progress:
             )
             self.awaiting = True
             self.sent = len(outcomes)
-            self.last = time.monotonic()
         except (redis.RedisError, OSError) as exc:
             self._give_up(exc)
 

@@ -100,7 +100,7 @@ def _run_batch(
         return 0
     if done:
         logger.info("batch %s: redelivered; resumes at call %d of %d", batch_id, done, len(calls))
-    skip = frozenset(i for i in range(len(calls)) if claims.call_field(i) in cancelled)
+    skip = claims.cancelled_calls(cancelled)
     started = time.perf_counter()
     progress = Progress(client, signer, reply_to, batch_id, done)
     failed_setup = initialize(setup)
