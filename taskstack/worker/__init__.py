@@ -8,13 +8,14 @@ from __future__ import annotations
 from celery import Celery
 
 from taskstack.capacity import CapacityBeacon
-from taskstack.worker import shutdown
+from taskstack.worker import heap, shutdown
 from taskstack.worker.leases import Leases
 
 
 def install(app: Celery) -> None:
     """Add what only a worker runs to ``app``: the capacity beacon, lease renewal, soft
-    shutdown and its deadline."""
+    shutdown and its deadline, and a heap left out of garbage collection."""
+    heap.install()
     app.steps["worker"].add(CapacityBeacon)
     app.steps["consumer"].add(Leases)
     shutdown.install(app)

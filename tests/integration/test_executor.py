@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import signal
@@ -185,3 +186,11 @@ def test_a_worker_process_killed_mid_map_loses_no_items(
     rest = list(results)
     assert len(rest) + 1 == len(items)
     assert cpu_worker.service.process.poll() is None
+
+
+def test_a_pool_process_leaves_the_heap_it_inherited_out_of_collection(
+    executor: ClusterExecutor,
+) -> None:
+    # taskstack/worker/heap.py: else each full collection walks Celery's whole heap.
+    frozen = executor.submit(gc.get_freeze_count).result(timeout=30)
+    assert frozen > 10_000
