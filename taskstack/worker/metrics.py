@@ -123,13 +123,20 @@ def record_batch(
         # Counted by function and success in C (a map's batch holds thousands of calls of
         # one function); each function is named once, and only failures are looked at.
         functions = list(map(itemgetter(0), calls))
-        by_id = dict(zip(map(id, functions), functions, strict=True))
-        counts = Tally(zip(map(id, functions), map(itemgetter(0), outcomes), strict=False))
+        oks = map(itemgetter(0), outcomes)
+        if functions and functions.count(functions[0]) == len(functions):
+            fn = functions[0]  # a map's batch: one function (compared by identity, in C)
+            succeeded = sum(oks)
+            counts = Tally({(id(fn), True): succeeded, (id(fn), False): len(outcomes) - succeeded})
+            by_id = {id(fn): fn}
+        else:
+            counts = Tally(zip(map(id, functions), oks, strict=False))
+            by_id = dict(zip(map(id, functions), functions, strict=True))
         for (key, ok), count in counts.items():
-            if ok:
+            if ok and count:
                 fn = by_id[key]
                 tally[function_name(fn), OK] += count * _items_of(fn)
-        if any(not ok for _, ok in counts):
+        if any(count for (_, ok), count in counts.items() if not ok):
             for fn, (ok, value) in zip(functions, outcomes, strict=False):
                 if not ok:
                     skipped = isinstance(value[0], CancelledError)
