@@ -1,18 +1,22 @@
-"""How many calls go into one message: guided self-scheduling with a cost floor.
+"""How many calls go into one message: guided self-scheduling with a cost floor,
+and an end levelled from the batches in flight.
 
 Each batch takes ``remaining / (2 * processes)`` of the calls not yet sent, so
-batches start large (little per-message overhead) and shrink towards the end
-(every process finishes at about the same time: no straggling batch). Once the
-cost per call has been measured on the workers, batches are never made so
-small that messaging would dominate, nor so long that progress stalls.
+batches start large (little per-message overhead) and shrink towards the end.
+Once the cost per call has been measured on the workers, batches are never made
+so small that messaging would dominate, nor so long that progress stalls, and
+the last ones are sized from when each process is expected to be free
+(:meth:`BatchSizer.tail`), so that every process finishes at about the same time.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,9 +57,9 @@ class BatchSizer:
     _provisional: set[object] = field(default_factory=set)
     """Keys whose estimate only a running batch's first calls gave."""
 
-    def size(self, remaining: int, processes: int, key: object = None, least: int = 0) -> int:
-        """Calls to put in the next batch, out of ``remaining`` unsent ones; a map's last
-        round keeps the size it started with (``least``, from :meth:`last_round`)."""
+    def size(self, remaining: int, processes: int, key: object = None) -> int:
+        """Calls to put in the next batch, out of ``remaining`` unsent ones (before the end
+        of a map or burst, which :meth:`tail` sizes)."""
         if remaining <= 0:
             return 0
         processes = max(1, processes)
@@ -65,18 +69,70 @@ class BatchSizer:
             # The floor keeps messaging from dominating, but never leaves fewer batches
             # than processes for the rest: an estimate learnt on cheaper calls of the
             # same function would otherwise leave processes idle at the end.
-            floor = min(self._floor(per_second), max(math.ceil(remaining / processes), least))
+            floor = min(self._floor(per_second), math.ceil(remaining / processes))
             ceiling = max(1, math.floor(self.max_seconds * per_second))
             guided = min(max(guided, floor), ceiling)
         return max(1, min(guided, remaining))
 
-    def last_round(self, remaining: int, processes: int, key: object = None) -> int:
-        """The batch size of a map's last round, once the rest is less than a floor's worth
-        per process (0 before): its batches run side by side, so they need not shrink
-        further, and each batch boundary costs the workers a few milliseconds."""
+    def tail(
+        self,
+        remaining: int,
+        processes: int,
+        key: object,
+        inflight: Iterable[InFlight] = (),
+        now: float = 0.0,
+    ) -> int | None:
+        """The next batch of a map's end, sized to end when every process ends.
+
+        None before the end (while the rest is a floor's worth per process or more)
+        or while the cost is unknown. The queue is first in, first out: of the batches
+        in flight, in the order sent, the first ``processes`` run, each ending once its
+        unanswered calls have run (counted from its latest reply), and the others run
+        next on whichever process is free first. The next batch goes to the first
+        process free after those; it gets the calls that bring that process up to the
+        time at which the rest, spread over every process, would end. Guided batches
+        shrink towards the end for the same purpose, but their last ones may all fall
+        to the process that freed first while another still runs a bigger one.
+        """
         per_second = self._per_second(key)
-        share = math.ceil(remaining / max(1, processes))
-        return share if per_second is not None and share < self._floor(per_second) else 0
+        if per_second is None or remaining <= 0:
+            return None
+        floor = self._floor(per_second)
+        if math.ceil(remaining / max(1, processes)) >= floor:
+            return None
+        cost = 1.0 / per_second
+        batches = list(inflight)
+        free = [now] * max(0, processes - len(batches))
+        for batch in batches[:processes]:
+            left = (batch.size - batch.received) * self._call_cost(batch.key, cost)
+            if batch.replied:
+                left -= now - batch.replied
+            free.append(now + max(0.0, left))
+        heapq.heapify(free)
+        for batch in batches[processes:]:
+            heapq.heappush(
+                free, heapq.heappop(free) + batch.size * self._call_cost(batch.key, cost)
+            )
+        ends = sorted(free)
+        level = ends[0] + remaining * cost  # water-filling: the rest raises the lowest first
+        for filled in range(1, len(ends)):
+            level = (remaining * cost + sum(ends[:filled])) / filled
+            if level <= ends[filled]:
+                break
+        else:
+            level = (remaining * cost + sum(ends)) / len(ends)
+        size = math.ceil((level - ends[0]) * per_second - 1e-6)  # not 117 for 116.0000001
+        # A batch boundary costs a process 5-10 ms: levelling by less than a tenth of the
+        # floor is not worth a message, nor is a crumb left for the last one.
+        crumb = math.ceil(self.min_seconds / 10 * per_second)
+        size = max(size, crumb)
+        if remaining - size < crumb:
+            size = remaining
+        return max(1, min(size, remaining))
+
+    def _call_cost(self, key: object, default: float) -> float:
+        per_second = self._per_second(key)
+        return default if per_second is None else 1.0 / per_second
 
     def _per_second(self, key: object) -> float | None:
         cost = self._cost.get(key)
@@ -142,6 +198,8 @@ class InFlight:
     calls: list[Submitted] = field(default_factory=list)
     received: int = 0
     """Outcomes settled so far: they arrive in order, in one or more replies."""
+    replied: float = 0.0
+    """When the latest of those replies came (``time.monotonic()``; 0 before the first)."""
 
 
 def cost_key(fn: Callable[..., Any]) -> object:
@@ -163,17 +221,14 @@ def joblib_items(fn: object) -> list[Any] | None:
     return items if isinstance(items, list) else None
 
 
-@dataclass
-class Burst:
-    """Submitted calls waiting together: like a map's, their last round keeps its size."""
-
-    least: int = 0
-
-
 def carve(
-    pending: deque[Submitted | MapJob], sizer: BatchSizer, processes: int, burst: Burst
+    pending: deque[Submitted | MapJob],
+    sizer: BatchSizer,
+    processes: int,
+    inflight: Iterable[InFlight] = (),
 ) -> tuple[InFlight, names.Batch] | None:
-    """Take the next batch off ``pending`` (the caller holds the lock that guards it).
+    """Take the next batch off ``pending`` (the caller holds the lock that guards it);
+    ``inflight`` are the batches sent and not settled, oldest first.
 
     ``None`` when the head of the queue held nothing to send (cancelled work).
     """
@@ -181,9 +236,10 @@ def carve(
     batch_id = uuid.uuid4().hex
     if isinstance(head, MapJob):
         key = cost_key(head.fn)
-        if not head.chunksize and not head.least:
-            head.least = sizer.last_round(head.unsent, processes, key)
-        size = head.chunksize or sizer.size(head.unsent, processes, key, head.least)
+        size = head.chunksize or 0
+        if not size and head.total is not None:  # the whole input known: its end is in sight
+            size = sizer.tail(head.unsent, processes, key, inflight, time.monotonic()) or 0
+        size = size or sizer.size(head.unsent, processes, key)
         first = head.sent
         args = [] if head.cancelled else head.take(size)
         if head.cancelled or (head.input_done and not head.ahead):
@@ -195,9 +251,8 @@ def carve(
             [(head.fn, a, None) for a in args],
         )
     key = cost_key(head.fn)
-    # Calls submitted while a burst goes out join its last round, at the largest share.
-    burst.least = max(burst.least, sizer.last_round(len(pending), processes, key))
-    limit = sizer.size(len(pending), processes, key, burst.least)
+    limit = sizer.tail(len(pending), processes, key, inflight, time.monotonic())
+    limit = limit or sizer.size(len(pending), processes, key)
     taken: list[Submitted] = []
     batch = InFlight(batch_id, 0, key, calls=taken)
     while pending and len(taken) < limit and isinstance(pending[0], Submitted):
@@ -208,8 +263,6 @@ def carve(
         call.future._batch = batch
         call.future._index = len(taken)
         taken.append(call)
-    if not pending or not isinstance(pending[0], Submitted):
-        burst.least = 0  # the burst is sent: the next one is sized afresh
     if not taken:
         return None
     batch.size = len(taken)

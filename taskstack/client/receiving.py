@@ -163,6 +163,7 @@ class Receiver:
             fresh = outcomes[batch.received - first :] if first <= batch.received else []
             start = batch.received
             batch.received += len(fresh)
+            batch.replied = time.monotonic()
             if batch.received >= batch.size:
                 del d._inflight[batch.id]
                 d._cv.notify_all()

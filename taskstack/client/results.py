@@ -45,8 +45,6 @@ class MapJob:
     input_error: BaseException | None = None
     """What the input iterator raised; the results iterator raises it after the items before it."""
     ahead: deque[tuple[Any, ...]] = field(default_factory=deque)
-    least: int = 0
-    """The batch size of the map's last round, once it began (see ``BatchSizer.last_round``)."""
     events: queue.SimpleQueue[Event] = field(default_factory=queue.SimpleQueue)
 
     @property

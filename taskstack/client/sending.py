@@ -10,7 +10,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from taskstack import capacity, claims, names
-from taskstack.client.batching import Burst, InFlight, carve
+from taskstack.client.batching import InFlight, carve
 from taskstack.client.packing import pack
 from taskstack.client.results import MapJob
 from taskstack.client.sharing import Memo
@@ -38,7 +38,6 @@ class Sender:
         # A big buffer is hashed once per map, or once per run of submitted work.
         self.map_memos: weakref.WeakKeyDictionary[MapJob, Memo] = weakref.WeakKeyDictionary()
         self.burst_memo = Memo()
-        self.burst = Burst()
 
     def start(self) -> None:
         self.thread.start()
@@ -61,7 +60,7 @@ class Sender:
                 with d._cv:
                     if not d._pending:
                         continue
-                    carved = carve(d._pending, d.sizer, d.processes, self.burst)
+                    carved = carve(d._pending, d.sizer, d.processes, d._inflight.values())
                     if carved is None:
                         # Cancelled work left the queue: drain() may be waiting for that.
                         d._cv.notify_all()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from taskstack.client.batching import BatchSizer, Burst, ItemsKey, Submitted, carve
+from taskstack.client.batching import BatchSizer, InFlight, ItemsKey, Submitted, carve
 from taskstack.client.futures import ClusterFuture
 from taskstack.client.results import MapJob
 
@@ -44,12 +44,19 @@ def test_a_cost_learnt_on_cheaper_calls_still_leaves_every_process_a_batch() -> 
 
 
 def _map_sizes(sizer: BatchSizer, items: int, key: str, processes: int = 2) -> list[int]:
-    """The batch sizes of a map of ``items`` calls, as the sender carves them."""
-    sizes, least, remaining = [], 0, items
+    """The batch sizes of a map of ``items`` calls, carved one after the other; the end's
+    batches are sized with those of them already carved in flight, none started."""
+    sizes: list[int] = []
+    end: list[InFlight] = []
+    remaining = items
     while remaining:
-        least = least or sizer.last_round(remaining, processes, key)
-        sizes.append(sizer.size(remaining, processes, key, least))
-        remaining -= sizes[-1]
+        size = sizer.tail(remaining, processes, key, end, now=0.0)
+        if size is None:
+            size = sizer.size(remaining, processes, key)
+        else:
+            end.append(InFlight(str(len(end)), size, key))
+        sizes.append(size)
+        remaining -= size
     return sizes
 
 
@@ -60,6 +67,24 @@ def test_a_maps_last_round_does_not_shrink_below_its_first_batch() -> None:
     assert sizes[-4:] == [200, 200, 116, 116]  # one batch per process for the last 232 calls
     assert sum(sizes) == 20_000
     assert min(sizes) == 116  # no trail of ever smaller batches, each costing a round trip
+
+
+def test_a_maps_end_levels_the_processes_with_the_batches_in_flight() -> None:
+    sizer = BatchSizer(min_seconds=0.1)
+    sizer.observe("f", calls=1000, seconds=1.0)  # 1 ms per call: a floor of 100 calls
+    running = InFlight("a", 100, "f")  # one process has 100 ms of work left, one is free
+    assert sizer.tail(500, 2, "f", [running], now=0.0) is None  # not the end yet
+    # 150 ms of work left: the free process gets 125, to end with the other at 125 ms.
+    assert sizer.tail(150, 2, "f", [running], now=0.0) == 125
+    # It answered 60 of its calls 10 ms ago: 30 ms left. The other runs the 125 and has
+    # 50 queued behind, which the first one free takes: the next batch is the other's.
+    running.received, running.replied = 60, -0.01
+    others = [InFlight("b", 125, "f"), InFlight("c", 50, "f")]
+    assert sizer.tail(100, 2, "f", [running, *others], now=0.0) == 73  # 80 -> 152.5 ms
+    assert sizer.tail(40, 2, "f", [running, *others], now=0.0) == 40  # 80 -> 120 ms
+    assert sizer.tail(52, 2, "f", [running, *others], now=0.0) == 52  # no 3-call crumb
+    assert sizer.tail(25, 2, "f", [], now=0.0) == 13  # 12.5 ms each: worth two messages
+    assert sizer.tail(15, 2, "f", [], now=0.0) == 15  # 7.5 ms each: not
 
 
 def test_cost_estimate_is_smoothed() -> None:
@@ -121,22 +146,22 @@ def _submitted(count: int) -> list[Submitted]:
     return [Submitted(len, ((),), None, ClusterFuture()) for _ in range(count)]
 
 
-def test_a_burst_of_submits_goes_in_one_batch_per_process_once_its_cost_is_known() -> None:
+def test_a_burst_of_cheap_submits_goes_in_as_few_batches_as_its_work_is_worth() -> None:
     sizer = BatchSizer()
     sizer.observe(len, calls=1000, seconds=0.001)  # 1 µs per call: far under the floor
     pending: deque[Submitted | MapJob] = deque(_submitted(4000))
-    burst, sizes = Burst(), []
-    carved = carve(pending, sizer, 2, burst)
+    sent: list[InFlight] = []
+    carved = carve(pending, sizer, 2, sent)
     assert carved is not None
-    sizes.append(len(carved[1]))
+    sent.append(carved[0])
     pending.extend(_submitted(2000))  # submitted while the first batch went out
     while pending:
-        carved = carve(pending, sizer, 2, burst)
+        carved = carve(pending, sizer, 2, sent)
         assert carved is not None
-        sizes.append(len(carved[1]))
-    # Not 2000, 2000, 1000, 500, 250 ... 1: each batch of that trail costs a round trip.
-    assert sizes == [2000, 2000, 2000]
-    assert burst.least == 0  # the next burst is sized afresh
+        sent.append(carved[0])
+    # Not 1000, 750, 563 ... 1: 4 ms of work, then 2 ms, are not worth splitting over the
+    # two processes, as a batch boundary costs one of them 5-10 ms.
+    assert [batch.size for batch in sent] == [4000, 2000]
 
 
 def test_a_burst_ends_at_a_map_behind_it() -> None:
@@ -144,10 +169,9 @@ def test_a_burst_ends_at_a_map_behind_it() -> None:
     sizer.observe(len, calls=1000, seconds=0.001)
     job: Any = MapJob(len, iter([((),)] * 10), total=10)
     pending: deque[Submitted | MapJob] = deque([*_submitted(10), job])
-    burst, sizes = Burst(), []
+    sizes = []
     while pending[0] is not job:
-        carved = carve(pending, sizer, 2, burst)
+        carved = carve(pending, sizer, 2)
         assert carved is not None
         sizes.append(len(carved[1]))
-    assert len(sizes) == 2 and sum(sizes) == 10
-    assert burst.least == 0  # the map is sized on its own
+    assert sizes == [10]  # the map is sized on its own
