@@ -94,10 +94,11 @@ class BatchSizer:
         None before the end (while the rest is a floor's worth per process or more)
         or while the cost is unknown. The queue is first in, first out: of the batches
         in flight, in the order sent, the first ``processes`` run, each ending once its
-        unanswered calls have run (counted from its latest reply), and the others run
-        next on whichever process is free first. The next batch goes to the first
-        process free after those; it gets the calls that bring that process up to the
-        time at which the rest, spread over every process, would end. Guided batches
+        unanswered calls have run (counted from its latest reply, or from its start
+        notice: a joblib batch is one long call), and the others run next on whichever
+        process is free first. The next batch goes to the first process free after
+        those; it gets the calls that bring that process up to the time at which the
+        rest, spread over every process, would end. Guided batches
         shrink towards the end for the same purpose, but their last ones may all fall
         to the process that freed first while another still runs a bigger one.
         """
@@ -112,8 +113,9 @@ class BatchSizer:
         free = [now] * max(0, processes - len(batches))
         for batch in batches[:processes]:
             left = (batch.size - batch.received) * self._call_cost(batch.key, cost)
-            if batch.replied:
-                left -= now - batch.replied
+            since = max(batch.replied, batch.started)
+            if since:
+                left -= now - since
             free.append(now + max(0.0, left))
         heapq.heapify(free)
         for batch in batches[processes:]:
@@ -207,6 +209,10 @@ class InFlight:
     """Outcomes settled so far: they arrive in order, in one or more replies."""
     replied: float = 0.0
     """When the latest of those replies came (``time.monotonic()``; 0 before the first)."""
+    started: float = 0.0
+    """When a worker said it started the batch (submitted calls only; 0 until then)."""
+    sent: bool = False
+    """Published: on its way to the workers."""
 
 
 def cost_key(fn: Callable[..., Any]) -> object:

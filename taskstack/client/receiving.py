@@ -117,6 +117,8 @@ class Receiver:
     def handle(self, kind: bytes, body: bytes) -> None:
         if kind == names.STARTED:
             batch = self._batch(body.decode())
+            if batch is not None:
+                batch.started = time.monotonic()
             for call in batch.calls if batch else ():
                 mark_running(call.future)
         elif kind == names.FAILED:

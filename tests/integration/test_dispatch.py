@@ -77,3 +77,17 @@ def test_a_running_batch_tells_how_long_its_calls_took(
         cost = executor._dispatcher.sizer.cost(cost_key(work.nap))
         assert cost is not None and cost >= 0.1  # while the second call still runs
         assert list(results) == [0.5]
+
+
+def test_a_submit_can_wait_until_its_call_is_published(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    """What the joblib backend does before joblib goes on making its next batch: the
+    call is on its way to the workers (and running there: a worker says so) when the
+    wait returns, long before it ends."""
+    with ClusterExecutor(settings=redis_server) as executor:
+        future = executor.submit(work.nap, 1.0)
+        assert executor._dispatcher._sender.wait_sent(future, timeout=10)
+        assert future._batch is not None and future._batch.sent and not future.done()
+        wait_for(future.running, 10, "a worker to start the call")
+        future.result(timeout=30)

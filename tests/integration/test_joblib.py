@@ -129,8 +129,10 @@ def test_the_batches_joblib_splits_the_end_into_are_submitted_together(
 
         backend.submit = counting
         assert parallel(joblib.delayed(work.nap)(0.001) for _ in range(300)) == [0.001] * 300
-    # 300 items are less than two full batches: after the first four batches of one
-    # item, joblib splits the other 296 into batches of 296 // 20 = 14
-    end = submitted[4:]
-    assert sum(items for items, _ in end) == 296 and max(items for items, _ in end) == 14
+    # After four batches of one item and two first ones of ~0.1 s, the rest of the 300
+    # items is less than two full batches: joblib splits it into batches of rest // 20.
+    ramp, end = submitted[4:6], submitted[6:]
+    rest = 300 - 4 - sum(items for items, _ in ramp)
+    assert sum(items for items, _ in end) == rest, submitted
+    assert max(items for items, _ in end) == rest // 20, submitted
     assert len({before for _, before in end}) == 1, submitted  # all in one go

@@ -78,11 +78,15 @@ def test_a_maps_end_levels_the_processes_with_the_batches_in_flight() -> None:
     assert sizer.tail(150, 2, "f", [running], now=0.0) == 125
     # It answered 60 of its calls 10 ms ago: 30 ms left. The other runs the 125 and has
     # 50 queued behind, which the first one free takes: the next batch is the other's.
-    running.received, running.replied = 60, -0.01
-    others = [InFlight("b", 125, "f"), InFlight("c", 50, "f")]
-    assert sizer.tail(100, 2, "f", [running, *others], now=0.0) == 73  # 80 -> 152.5 ms
-    assert sizer.tail(40, 2, "f", [running, *others], now=0.0) == 40  # 80 -> 120 ms
-    assert sizer.tail(52, 2, "f", [running, *others], now=0.0) == 52  # no 3-call crumb
+    running.received, running.replied = 60, 99.99
+    others = [InFlight("b", 125, "f", started=100.0), InFlight("c", 50, "f")]
+    assert sizer.tail(100, 2, "f", [running, *others], now=100.0) == 73  # 80 -> 152.5 ms
+    assert sizer.tail(40, 2, "f", [running, *others], now=100.0) == 40  # 80 -> 120 ms
+    assert sizer.tail(52, 2, "f", [running, *others], now=100.0) == 52  # no 3-call crumb
+    # The 125 began 125 ms ago (a worker said so): its process takes the 50 now and is
+    # free at 50 ms; the next batch goes to the other one, free at 30 ms, up to 90 ms.
+    others[0].started = 99.875
+    assert sizer.tail(100, 2, "f", [running, *others], now=100.0) == 60
     assert sizer.tail(25, 2, "f", [], now=0.0) == 13  # 12.5 ms each: worth two messages
     assert sizer.tail(15, 2, "f", [], now=0.0) == 15  # 7.5 ms each: not
 
