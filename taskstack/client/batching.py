@@ -47,7 +47,7 @@ class BatchSizer:
     unbalance the end. Every batch boundary costs a process 5-10 ms and about 3 ms of
     CPU, so fewer batches are faster; with the end levelled (:meth:`tail`), 1.5 ran a
     20,000 x 0.1 ms map at 0.97x ``multiprocessing.Pool``'s speed against 0.95x at 2
-    (medians of 12 paired runs), and a 400 x 10 ms one at 0.95x against 0.91x."""
+    (median of 12 paired runs), and a 400 x 10 ms one at 0.95x against 0.91x (of 6)."""
     min_seconds: float = 0.1
     """A batch should run at least this long once the cost per call is known: each batch
     costs a worker's main process, Redis and the client a few milliseconds of CPU, taken
