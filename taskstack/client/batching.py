@@ -98,9 +98,9 @@ class BatchSizer:
         notice: a joblib batch is one long call), and the others run next on whichever
         process is free first. The next batch goes to the first process free after
         those; it gets the calls that bring that process up to the time at which the
-        rest, spread over every process, would end. Guided batches
-        shrink towards the end for the same purpose, but their last ones may all fall
-        to the process that freed first while another still runs a bigger one.
+        rest, spread over every process, would end. Guided batches shrink towards the
+        end for the same purpose, but their last ones may all fall to the process that
+        freed first while another still runs a bigger one.
         """
         per_second = self._per_second(key)
         if per_second is None or remaining <= 0:
@@ -122,14 +122,10 @@ class BatchSizer:
             heapq.heappush(
                 free, heapq.heappop(free) + batch.size * self._call_cost(batch.key, cost)
             )
-        ends = sorted(free)
-        level = ends[0] + remaining * cost  # water-filling: the rest raises the lowest first
-        for filled in range(1, len(ends)):
-            level = (remaining * cost + sum(ends[:filled])) / filled
-            if level <= ends[filled]:
-                break
-        else:
-            level = (remaining * cost + sum(ends)) / len(ends)
+        ends, work, filled = sorted(free), remaining * cost, 1
+        while filled < len(ends) and work + sum(ends[:filled]) > filled * ends[filled]:
+            filled += 1  # water-filling: the rest raises the processes free first
+        level = (work + sum(ends[:filled])) / filled
         size = math.ceil((level - ends[0]) * per_second - 1e-6)  # not 117 for 116.0000001
         # A batch boundary costs a process 5-10 ms: levelling by less than a tenth of the
         # floor is not worth a message, nor is a crumb left for the last one.

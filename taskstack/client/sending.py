@@ -73,7 +73,7 @@ class Sender:
                 self.send(producer, batch, calls)
                 with d._cv:
                     batch.sent = True
-                    d._cv.notify_all()  # Dispatcher.wait_sent
+                    d._cv.notify_all()  # wait_sent
                 del head, carved, batch, calls  # the inputs are sent: keep none alive here
 
     def wait_sent(self, future: ClusterFuture[Any], timeout: float) -> bool:
