@@ -8,9 +8,9 @@ executor's :class:`~taskstack.client.batching.BatchSizer`), aiming at
 the first ``2 * n_jobs`` batches of a ``Parallel`` call hold one item each
 (joblib keeps as many batches in flight as it sent first: two per process),
 the next ``n_jobs`` aim at ``FIRST_BATCH_SECONDS`` and the others have their
-full size. Each submit returns once its batch is published (or after
-``SEND_WAIT_SECONDS``). The small batches joblib splits the end of its input
-into go out together, in a few messages.
+full size. The single items go out together; each later submit returns once
+its batch is published (or after ``SEND_WAIT_SECONDS``). The small batches
+joblib splits the end of its input into go out together, in a few messages.
 
 Like loky's, the executor outlives the ``Parallel`` call: the next one with the
 same settings and queue reuses it (no start-up, and the cost per item of its
@@ -118,8 +118,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         one batch per completed one, so the batches in flight stay as many as it sent
         first, and a process then always has its next batch queued while it runs one.
         """
-        started = getattr(getattr(self, "parallel", None), "n_dispatched_batches", None)
-        if isinstance(started, int) and started < 2 * self._n_jobs:
+        started = self._dispatched()
+        if started is not None and started < 2 * self._n_jobs:
             self._batch_size = 1
             return 1
         if self._key is not None and self._executor is not None:
@@ -128,7 +128,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
             if cost is not None:
                 cost = max(cost, 1e-9)
                 target = TARGET_BATCH_SECONDS
-                if isinstance(started, int) and started < 3 * self._n_jobs:
+                if started is not None and started < 3 * self._n_jobs:
                     target = FIRST_BATCH_SECONDS
                 ceiling = max(1, math.floor(sizer.max_seconds / cost))
                 self._batch_size = max(1, min(math.ceil(target / cost), ceiling))
@@ -148,9 +148,21 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
             future.add_done_callback(callback)
         if inner and len(inner) < self._expected_size():
             self._send_the_split_end()
-        if not self._draining:  # published before joblib goes on making the next batch
+        # Published before joblib goes on making its next batch; but joblib's first single
+        # items are made at once, and go out together (one batch boundary, not several).
+        if not self._draining and not self._first_singles():
             executor._dispatcher._sender.wait_sent(future, SEND_WAIT_SECONDS)
         return future
+
+    def _dispatched(self) -> int | None:
+        """How many batches joblib dispatched in this call (None outside a call)."""
+        started = getattr(getattr(self, "parallel", None), "n_dispatched_batches", None)
+        return started if isinstance(started, int) else None
+
+    def _first_singles(self) -> bool:
+        """Whether the batch just submitted is one of the first ``2 * n_jobs``."""
+        started = self._dispatched()  # joblib counts a batch before submitting it
+        return started is not None and started <= 2 * self._n_jobs
 
     def _expected_size(self) -> int:
         """The size of joblib's next batch, unless it split the end of its input."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -101,6 +102,29 @@ def test_two_batches_per_job_stay_in_flight(redis_server: Settings, cpu_worker: 
         assert parallel(joblib.delayed(work.nap)(0.001) for _ in range(300)) == [0.001] * 300
     assert submitted[:4] == [1, 1, 1, 1], submitted
     assert max(submitted) > 10, submitted  # then full-size batches, sized from the cost
+
+
+def test_the_first_single_items_go_out_together(redis_server: Settings, cpu_worker: Worker) -> None:
+    """joblib makes its first ``2 * n_jobs`` single items at once; each in a message of
+    its own would cost a process a batch boundary before its first full batch."""
+    with (
+        joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server),
+        joblib.Parallel(n_jobs=2) as parallel,
+    ):
+        parallel(joblib.delayed(work.nap)(0.001) for _ in range(100))  # the cost is known now
+        sender = parallel._backend._executor._dispatcher._sender
+        published: list[int] = []  # joblib batches per message
+        send = sender.send
+
+        def counting(producer: Any, batch: Any, calls: Any) -> None:
+            published.append(len(calls))
+            send(producer, batch, calls)
+
+        sender.send = counting
+        assert parallel(joblib.delayed(work.nap)(0.001) for _ in range(300)) == [0.001] * 300
+    singles = next(i for i, total in enumerate(itertools.accumulate(published)) if total >= 4)
+    # One message, unless the sender happened to carve between two of the submits.
+    assert singles + 1 < 4, published
 
 
 def test_the_batches_joblib_splits_the_end_into_are_submitted_together(
