@@ -22,7 +22,7 @@ def test_a_joblib_batch_counts_and_names_the_calls_inside_it() -> None:
 
 
 def test_a_maps_batch_names_its_function_and_where_it_starts() -> None:
-    job = MapJob(abs, iter(range(10)), total=10)
+    job = MapJob(abs, iter([(i,) for i in range(10)]), total=10)
     batch = InFlight("b", 4, None, job=job, first=6)
     shown = describe(batch, [(abs, (i,), None) for i in range(6, 10)], "client")
     assert shown == f"{{fn=builtins.abs, items=4, map={job.id[:12]} from item 6, client=client}}"
