@@ -20,14 +20,14 @@ Order does not pick the winner: every repetition runs every method on one
 workload, then on the next, in an order rotated by one per repetition, so
 each method follows each other alike (a method over 10 s a run, such as Dask
 or plain Celery on the tiny items, repeats ``--slow-repeat`` times only);
-each run opens the method afresh (a
-new pool or executor: nothing learnt on another run), and ``--fresh-worker``
-also restarts the worker before each cluster run. The table shows the median
+each run opens the method afresh (a new pool or executor: nothing learnt on
+another run), and ``--fresh-worker`` also restarts the worker before each
+cluster run. The table shows the median
 and the spread (min-max) of the repetitions. Efficiency = serial time /
 (processes x time); "vs best local" = the time of the local baseline with
 the lower median (``multiprocessing.Pool`` or loky) / the method's, paired
-within each repetition (median and spread of those ratios). For the shared array,
-the table adds the bytes that went through Redis per map and how much the
+within each repetition (median and spread of those ratios). For the shared
+array, the table adds the bytes that went through Redis per map and how much the
 worker's processes grew (their proportional set size, private stack only).
 Prints a table, writes JSON and a PNG plot.
 
@@ -342,7 +342,7 @@ def repeats(
     out: dict[str, dict[str, Measured]], workload: Workload, m: Method, rep: int, slow: int
 ) -> bool:
     """Whether ``m`` runs ``workload`` in repetition ``rep``: always, unless it is slow (Dask
-    and plain Celery took 40-90 s on the tiny items, far from any ratio in question) and
+    and plain Celery took 35-90 s on the tiny items, far from any ratio in question) and
     already ran ``slow`` times. Its ratios pair with the first repetitions, where it ran."""
     record = out[workload.name].get(m.name)
     if record is None or record.seconds[0] <= SLOW_SECONDS:

@@ -167,8 +167,8 @@ def describe(batch: InFlight, calls: names.Batch, client: str) -> str:
     items = len(calls)
     inner = [getattr(fn, "items", None) for fn in targets if type(fn).__name__ == "BatchedCalls"]
     if inner and len(inner) == len(targets):
-        items = sum(len(group or ()) for group in inner)
         targets = [func for group in inner for func, _, _ in group or ()]
+        items = len(targets)
     # Named once per function object: a joblib batch holds thousands of calls of one.
     distinct = {id(fn): fn for fn in targets}.values()
     functions = sorted({_name(fn) for fn in distinct})
