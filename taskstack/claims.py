@@ -95,6 +95,8 @@ def start(
         f.decode() if isinstance(f, bytes) else str(f)
         for f in client.eval(_START, len(keys), *keys, *args)
     ]
+    if flat == [WHOLE_BATCH]:  # the script's answer for a batch cancelled as a whole
+        return {WHOLE_BATCH}, 0
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     done = int(fields.pop("done", 0))
     fields.pop("started", None)

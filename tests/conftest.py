@@ -34,12 +34,21 @@ from tests.support import (
     http_get,
     settings_env,
     start,
+    tracebacks,
 )
 from tests.support import require as require
 from tests.support import wait_for as wait_for
 
 pytest_plugins = ["tests.compose.faults.report"]
 """The reliability report: its option, its ``scenario`` marker and ``report_row`` fixture."""
+
+
+@pytest.fixture(autouse=True)
+def no_stray_worker_traceback(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test during which a worker logged a traceback it did not declare."""
+    logged = tracebacks.mark()
+    yield
+    tracebacks.check(request.node, logged)
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +109,7 @@ def start_worker(redis_server: Settings, logs_dir: Path) -> Iterator[Callable[..
         metrics_port = metrics_port or free_port()
         env = settings_env(replace(settings or redis_server, metrics_port=metrics_port))
         service = start(node, worker_command(queue, hostname), env, logs_dir)
+        tracebacks.WATCHED.append(service.log)
         worker = Worker(node, service, metrics_port)
         started.append(worker)
         # A worker on another Redis database answers there.

@@ -21,9 +21,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError
+from contextlib import contextmanager
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,7 @@ from taskstack import names
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
+    from prometheus_client.samples import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,11 @@ ITEM_SECONDS_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0,
 """From a call that does nearly nothing to one that fills a batch alone."""
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 """The ``outcome`` label of an item: it returned, it raised, it never ran (cancelled, stopped)."""
+NEW_SERIES_HOLD_SECONDS = 2.5
+"""How long a new series is served at 0: under the stack's 5 s scrape interval
+(services/prometheus/prometheus.yml), so one scrape sees the 0 and the next the count,
+at most two intervals after the batch. A Prometheus of its own that scrapes less often
+sees the same; a second scraper of the same endpoint may miss the 0."""
 QUEUE_LENGTH_TIMEOUT = 1.0
 """Seconds a scrape waits for Redis to say how long the queue is."""
 _PID_FILE = re.compile(r"_(\d+)\.db$")
@@ -112,12 +120,10 @@ def record_batch(
     task: Task, calls: names.Batch, outcomes: list[names.Outcome], seconds: float
 ) -> None:
     """Count one batch's items by function and outcome, and its duration; never raises."""
-    global _failed_once
     if _metrics is None:
         return
-    try:
-        queue = str((task.request.delivery_info or {}).get("routing_key") or "unknown")
-        worker = str(task.request.hostname or "unknown")
+    with _never_raises():
+        queue, worker = _labels(task)
         tally: Tally[tuple[str, str]] = Tally()
         runs: Tally[str] = Tally()
         # Counted by function and success in C (a map's batch holds thousands of calls of
@@ -151,6 +157,33 @@ def record_batch(
             _metrics.item_seconds.labels(name, queue, worker).observe(seconds / ran)
         _metrics.batches.labels(queue, worker).inc()
         _metrics.batch_seconds.labels(queue, worker).observe(seconds)
+
+
+def record_skipped(task: Task, calls: names.Batch) -> None:
+    """Count the items of a batch cancelled before it started as skipped; never raises."""
+    if _metrics is None:
+        return
+    with _never_raises():
+        queue, worker = _labels(task)
+        by_id = {id(fn): fn for fn in map(itemgetter(0), calls)}
+        for key, count in Tally(id(fn) for fn, *_ in calls).items():
+            fn = by_id[key]
+            _metrics.items.labels(function_name(fn), queue, worker, SKIPPED).inc(
+                count * _items_of(fn)
+            )
+
+
+def _labels(task: Task) -> tuple[str, str]:
+    """The ``queue`` and ``worker`` labels of the batch ``task`` runs."""
+    queue = str((task.request.delivery_info or {}).get("routing_key") or "unknown")
+    return queue, str(task.request.hostname or "unknown")
+
+
+@contextmanager
+def _never_raises() -> Iterator[None]:
+    global _failed_once
+    try:
+        yield
     except Exception:
         if not _failed_once:
             _failed_once = True
@@ -207,10 +240,18 @@ def _mark_dead(pid: int) -> None:
 
 
 class _Collector:
-    """prometheus_client's MultiProcessCollector, after forgetting children that died.
+    """prometheus_client's MultiProcessCollector, after forgetting children that died,
+    with every new counter and histogram series shown at 0 first.
 
     A child killed outright (its memory limit, a crash) runs no shutdown hook, so
     each scrape also sweeps the files of processes that are gone.
+
+    Prometheus's ``rate()`` and ``increase()`` count what a series gained *between*
+    samples: a series whose first sample already holds a batch's items would never
+    count them (the demo's whole map, a new replica's first minute). So a series is
+    served at 0 for :data:`NEW_SERIES_HOLD_SECONDS` after a scrape first finds it,
+    and with its value from then on: the next scrape sees the step from 0, however
+    short the job that made it.
     """
 
     def __init__(self, directory: str) -> None:
@@ -218,13 +259,25 @@ class _Collector:
 
         self.directory = directory
         self.inner = MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+        self.first_seen: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
 
     def collect(self) -> Iterable[Metric]:
         for pid in set(_pids(self.directory)):
             if not os.path.exists(f"/proc/{pid}"):
                 _mark_dead(pid)
-        metrics: Iterable[Metric] = self.inner.collect()  # type: ignore[no-untyped-call]
+        metrics: list[Metric] = list(self.inner.collect())  # type: ignore[no-untyped-call]
+        now = time.monotonic()
+        for metric in metrics:
+            if metric.type in ("counter", "histogram"):
+                metric.samples = [self._held(metric.name, sample, now) for sample in metric.samples]
         return metrics
+
+    def _held(self, name: str, sample: Sample, now: float) -> Sample:
+        # One series is every sample of a label set (a histogram's buckets, sum and count).
+        series = (name, frozenset((k, v) for k, v in sample.labels.items() if k != "le"))
+        if now - self.first_seen.setdefault(series, now) < NEW_SERIES_HOLD_SECONDS:
+            return sample._replace(value=0.0)
+        return sample
 
 
 class _QueueLength:

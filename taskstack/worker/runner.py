@@ -14,11 +14,11 @@ import json
 import logging
 import time
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Task, shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from celery.signals import task_failure
 
 from taskstack import claims, names
@@ -92,15 +92,14 @@ def _run_batch(
     # Marks the futures running, in the same step as the claim.
     notice = (reply_to, names.STARTED + batch_id.encode()) if notify_start else None
     cancelled, done = claims.start(client, batch_id, notice)
-    if claims.WHOLE_BATCH in cancelled:
-        logger.info("batch %s: cancelled by its client before it started; skipped", batch_id)
-        return 0
     if done >= len(calls):
         logger.info("batch %s: every outcome was sent by an earlier delivery; skipped", batch_id)
         return 0
+    skip = claims.cancelled_calls(cancelled)
+    if claims.WHOLE_BATCH in cancelled or skip.issuperset(range(done, len(calls))):
+        _revoked(task, calls[done:])
     if done:
         logger.info("batch %s: redelivered; resumes at call %d of %d", batch_id, done, len(calls))
-    skip = claims.cancelled_calls(cancelled)
     started = time.perf_counter()
     progress = Progress(client, signer, reply_to, batch_id, done)
     failed_setup = initialize(setup)
@@ -122,6 +121,20 @@ def _run_batch(
     ending = pack_outcomes(signer, done + last, outcomes[last:], seconds, len(outcomes))
     claims.record(client, batch_id, reply_to, names.DONE + batch_id.encode() + ending, len(calls))
     return len(outcomes)
+
+
+def _revoked(task: Task, calls: names.Batch) -> NoReturn:
+    """Skip a batch its client cancelled (as a whole, or each call), as Celery skips a
+    revoked task.
+
+    The client already settled its futures as cancelled. Monitors see what a
+    ``revoke()`` shows (Flower: REVOKED), not a failure, and the items count as
+    skipped; ``Ignore`` acknowledges the message with no success or failure.
+    """
+    logger.info("batch %s: cancelled by its client before it started; skipped", task.request.id)
+    metrics.record_skipped(task, calls)
+    task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    raise Ignore()
 
 
 def _load_error(exc: Exception) -> RuntimeError:

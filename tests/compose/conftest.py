@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from taskstack import names
 from taskstack.settings import ENV_VARS, Settings
 from tests.compose.faults.report import Row as Row
 from tests.support import ROOT as ROOT
-from tests.support import free_port, http_get, print_past_capture, require, run
+from tests.support import free_port, http_get, print_past_capture, require, run, tracebacks
 
 RUN = os.environ.get("TASKSTACK_TEST_RUN", "")
 """Set to tell concurrent test runs on one engine (two checkouts) apart: it
@@ -37,6 +38,7 @@ PROJECT = "taskstack-test"
 developer runs from the same checkout are left alone."""
 
 CPU_WORKERS = 3
+WORKER_SERVICES = ("worker-cpu", "worker-io")
 UP_TIMEOUT_SECONDS = 300
 """Covers the first start on a slow machine; the image build comes on top."""
 
@@ -140,6 +142,11 @@ class Stack:
     def compose(self, *args: str) -> str:
         return compose(self.env, *args, project=self.project)
 
+    def worker_logs(self) -> tracebacks.Reader:
+        """A reader of what the workers log from now on (for tests/support/tracebacks.py)."""
+        since = f"{time.time():.6f}"
+        return lambda: self.compose("logs", "--no-color", "--since", since, *WORKER_SERVICES)
+
     def containers(self, service: str) -> list[str]:
         """Ids of a service's running containers."""
         return self.compose("ps", "--quiet", service).split()
@@ -224,7 +231,11 @@ def running(request: pytest.FixtureRequest, stack: Stack) -> Generator[None, Non
         except subprocess.CalledProcessError:
             show_logs(request.config, stack)
             raise
-        yield
+        tracebacks.SOURCES.append(stack.worker_logs)
+        try:
+            yield
+        finally:
+            tracebacks.SOURCES.remove(stack.worker_logs)
         if request.session.testsfailed > failed_before:
             show_logs(request.config, stack)
     finally:

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import Any, cast
 import pytest
 from playwright.sync_api import Browser, expect
 
+from tasks.compute import located
 from tasks.iowork import wait
 from taskstack import ClusterExecutor, names
 from taskstack.services import dashboard
 from tests.compose.conftest import CPU_WORKERS, ROOT, Stack, docker, flower_get
-from tests.support import http_get, print_past_capture, wait_for
+from tests.support import fresh_function, http_get, print_past_capture, run, wait_for
 from tests.support.browser import browser, page, screenshot
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
@@ -256,6 +258,79 @@ def test_metrics_endpoints_expose_no_secret(stack: Stack, load: Load) -> None:
 def test_worker_metrics_are_not_published_on_the_host(stack: Stack) -> None:
     for container in stack.containers("worker-cpu"):
         assert docker("port", container).strip() == ""
+
+
+def counted(stack: Stack, function: str, after: float) -> dict[str, float]:
+    """Items of ``function`` that ran, per worker, as Prometheus's ``increase()`` has them.
+
+    Each worker's series is read at its own last scrape, where ``increase()``
+    extrapolates nothing; the window reaches back before the map.
+    """
+    selector = f'taskstack_items_total{{function="{function}",outcome="ok"}}'
+    window = f"{int(time.time() - after) + 60}s"
+    result: dict[str, float] = {}
+    for series in promql(stack, f"timestamp({selector})"):
+        worker, scraped = series["metric"]["worker"], float(series["value"][1])
+        query = f'sum(increase({selector[:-1]},worker="{worker}"}}[{window}]))'
+        result[worker] = value(stack, query, scraped) or 0.0
+    return result
+
+
+def assert_counted_exactly(
+    stack: Stack, function: str, ran: Counter[str], started: float, ended: float
+) -> None:
+    """Two scrape intervals after ``ended``, Prometheus counts every item of ``ran`` (items per
+    host) within 2 %, for each worker and in all."""
+    wait_for(lambda: time.time() > ended + 2 * SCRAPE_SECONDS + 1, 30, "two scrape intervals")
+    expected = {names.node_name(names.CPU_QUEUE, host): n for host, n in ran.items()}
+    shown = counted(stack, function, started)
+    assert set(shown) >= set(expected), (shown, expected)
+    for worker, n in expected.items():
+        assert abs(shown[worker] - n) <= 0.02 * n, (worker, shown[worker], n)
+    assert abs(sum(shown.values()) - ran.total()) <= 0.02 * ran.total(), (shown, ran)
+
+
+def test_every_item_counts_for_a_new_function_and_a_replica_just_added(
+    stack: Stack, request: pytest.FixtureRequest
+) -> None:
+    stack.compose("up", "--wait", "--no-recreate", f"--scale=worker-cpu={CPU_WORKERS + 1}")
+    try:
+        wait_for(lambda: replicas_up(stack, "worker-cpu") == CPU_WORKERS + 1, 60, "the new replica")
+        function = fresh_function()
+        started = time.time()
+        with ClusterExecutor(settings=stack.client_settings) as executor:
+            ran = Counter(executor.map(function, [0.01] * 1_200))
+        ended = time.time()
+        assert len(ran) == CPU_WORKERS + 1, ran  # the new replica took its share
+        label = f"{function.__module__}.{function.__qualname__}"
+        assert_counted_exactly(stack, label, ran, started, ended)
+        # The dashboard's items/s shows every replica, the new one included.
+        for host in ran:
+            worker = names.node_name(names.CPU_QUEUE, host)
+            rate = f'max_over_time(sum(taskstack:items:rate1m{{worker="{worker}"}})[2m:5s])'
+            assert (value(stack, rate) or 0) > 0, worker
+        print_past_capture(request.config, f"items per replica, client and Prometheus: {ran}")
+    finally:
+        stack.compose("up", "--wait", "--no-recreate", f"--scale=worker-cpu={CPU_WORKERS}")
+
+
+def test_the_demos_items_show_on_the_dashboard(stack: Stack) -> None:
+    env = {
+        **stack.env,
+        "REDIS_URL": stack.client_settings.redis_url,
+        "PROMETHEUS_PORT": str(stack.prometheus_port),
+    }
+    started = time.time()
+    out = run(
+        [str(ROOT / ".venv/bin/python"), str(ROOT / "scripts/demo.py"), "--limit=400000"], env
+    )
+    ended = time.time()
+    listing = out.split("ranges per worker host:\n", 1)[1].split("\n\n", 1)[0]
+    ran = Counter({host: int(n) for host, n in (line.split() for line in listing.splitlines())})
+    assert ran.total() == 400, out
+    assert_counted_exactly(
+        stack, f"{located.__module__}.{located.__qualname__}", ran, started, ended
+    )
 
 
 def test_workers_run_on_with_prometheus_stopped(stack: Stack) -> None:

@@ -7,6 +7,7 @@ bounded every wait.
 
 from __future__ import annotations
 
+import json
 import pickle
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from concurrent.futures import CancelledError, wait
 import pytest
 import redis
 from celery import Celery
+from celery.states import READY_STATES
 
 from taskstack import (
     ClusterExecutor,
@@ -30,7 +32,16 @@ from taskstack import (
 )
 from taskstack.settings import Settings
 from tests.integration import contract_work as work
-from tests.support import ROOT, Worker, settings_env, wait_for, wait_until_idle
+from tests.support import (
+    ROOT,
+    Flower,
+    Worker,
+    fresh_function,
+    settings_env,
+    wait_for,
+    wait_until_idle,
+    worker_metric,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -82,6 +93,42 @@ def test_a_sent_call_not_started_cancels_and_shutdown_returns(
     ex.shutdown(wait=True)
     assert time.monotonic() - started < 30
     assert redis_client.lrange(key, 0, -1) == []  # the worker skipped it
+
+
+@pytest.mark.parametrize("how", ["cancel", "shutdown(cancel_futures=True)"])
+def test_a_cancelled_batch_is_revoked_not_failed(
+    redis_server: Settings, cpu_worker: Worker, flower: Flower, redis_client: redis.Redis, how: str
+) -> None:
+    """The worker skips it as Celery skips a revoked task: REVOKED in Flower, its calls
+    counted as skipped, no failure and no traceback (the autouse guard reads the log)."""
+    gate = f"test:gate:cancel-{how}"
+    ex = ClusterExecutor(settings=redis_server)
+    held = _occupy(ex, redis_server, gate)
+    function = fresh_function()  # its item counts start with this test
+    label = {"function": f"{function.__module__}.{function.__qualname__}"}
+    futures = [ex.submit(function, 0.0) for _ in range(2)]
+    wait_for(lambda: all(f._batch is not None for f in futures), 10, "the calls to be sent")
+    batches = {f._batch.id for f in futures}
+    if how == "cancel":
+        assert all(f.cancel() for f in futures)
+    else:
+        ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in futures)
+    redis_client.rpush(gate, *["go"] * len(held))
+    ex.shutdown(wait=True)
+
+    def states() -> dict[str, str] | None:
+        found = {b: json.loads(flower.get(f"/api/task/info/{b}")[1] or "{}") for b in batches}
+        shown = {b: task.get("state") for b, task in found.items()}
+        return shown if all(state in READY_STATES for state in shown.values()) else None
+
+    assert set(wait_for(states, 30, "Flower to see the batches").values()) == {"REVOKED"}
+    wait_for(
+        lambda: worker_metric(cpu_worker, "taskstack_items_total", outcome="skipped", **label) == 2,
+        20,
+        "two skipped items in the metrics",
+    )
+    assert worker_metric(cpu_worker, "taskstack_items_total", **label) == 2  # none ran
 
 
 # 5. cancel() follows the standard library: idempotent, False once running.

@@ -7,45 +7,31 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from taskstack import ClusterExecutor, names
 from taskstack.settings import Settings
+from taskstack.worker import metrics
 from tests.integration.work import inverse, square
-from tests.support import Worker, child_pids, http_get, wait_for
+from tests.support import (
+    Worker,
+    child_pids,
+    fresh_function,
+    metric_samples,
+    scrape,
+    wait_for,
+    worker_metric,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-Labels = dict[str, str]
-
-
-def scrape(worker: Worker) -> str:
-    status, body = http_get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5)
-    assert status == 200
-    return body
-
-
-def samples(worker: Worker, name: str) -> Iterator[tuple[Labels, float]]:
-    for family in text_string_to_metric_families(scrape(worker)):
-        for sample in family.samples:
-            if sample.name == name:
-                yield sample.labels, sample.value
-
-
-def total(node: Worker, name: str, **labels: str) -> float:
-    return sum(
-        value
-        for found, value in samples(node, name)
-        if all(found.get(k) == v for k, v in labels.items())
-    )
 
 
 def wait_total(node: Worker, name: str, at_least: float, **labels: str) -> float:
     return wait_for(
-        lambda: (value := total(node, name, **labels)) >= at_least and value,
+        lambda: (value := worker_metric(node, name, **labels)) >= at_least and value,
         20,
         f"{name}{labels} to reach {at_least}",
     )
@@ -56,25 +42,53 @@ def test_items_are_counted_by_function_queue_worker_and_outcome(
 ) -> None:
     labels = {"queue": names.CPU_QUEUE, "worker": cpu_worker.node}
     function = f"{square.__module__}.{square.__qualname__}"
-    before = total(cpu_worker, "taskstack_items_total", function=function, outcome="ok", **labels)
-    batches = total(cpu_worker, "taskstack_batch_seconds_count", **labels)
+    before = worker_metric(
+        cpu_worker, "taskstack_items_total", function=function, outcome="ok", **labels
+    )
+    batches = worker_metric(cpu_worker, "taskstack_batch_seconds_count", **labels)
     assert list(executor.map(square, range(300))) == [x * x for x in range(300)]
     after = wait_total(
         cpu_worker, "taskstack_items_total", before + 300, function=function, outcome="ok", **labels
     )
     assert after == before + 300  # each item once, however the map was batched
-    assert total(cpu_worker, "taskstack_batch_seconds_count", **labels) > batches
-    assert total(cpu_worker, "taskstack_item_seconds_count", function=function, **labels) > 0
+    assert worker_metric(cpu_worker, "taskstack_batch_seconds_count", **labels) > batches
+    assert (
+        worker_metric(cpu_worker, "taskstack_item_seconds_count", function=function, **labels) > 0
+    )
+
+
+def test_a_new_series_is_served_at_zero_once_then_with_its_count(
+    executor: ClusterExecutor, cpu_worker: Worker
+) -> None:
+    # Prometheus's rate() counts from a series' first sample: that sample must be the 0.
+    function = fresh_function()
+    label = f"{function.__module__}.{function.__qualname__}"
+    assert list(executor.map(function, [0.0] * 200)) == [socket.gethostname()] * 200
+    assert (
+        worker_metric(cpu_worker, "taskstack_items_total", function=label) == 0
+    )  # the first scrape
+    assert any(
+        labels.get("function") == label
+        for labels, _ in metric_samples(cpu_worker, "taskstack_items_total")
+    )
+    started = time.monotonic()
+    wait_total(cpu_worker, "taskstack_items_total", 200, function=label, outcome="ok")
+    held = time.monotonic() - started
+    assert metrics.NEW_SERIES_HOLD_SECONDS - 0.5 < held < metrics.NEW_SERIES_HOLD_SECONDS + 2
+    assert worker_metric(cpu_worker, "taskstack_items_total", function=label) == 200
 
 
 def test_failed_items_are_counted_as_failed(executor: ClusterExecutor, cpu_worker: Worker) -> None:
     function = f"{inverse.__module__}.{inverse.__qualname__}"
-    failed = total(cpu_worker, "taskstack_items_total", function=function, outcome="failed")
-    ok = total(cpu_worker, "taskstack_items_total", function=function, outcome="ok")
+    failed = worker_metric(cpu_worker, "taskstack_items_total", function=function, outcome="failed")
+    ok = worker_metric(cpu_worker, "taskstack_items_total", function=function, outcome="ok")
     futures = [executor.submit(inverse, x) for x in (0, 1, 0, 2)]
     assert [f.exception() is not None for f in futures] == [True, False, True, False]
     wait_total(cpu_worker, "taskstack_items_total", failed + 2, function=function, outcome="failed")
-    assert total(cpu_worker, "taskstack_items_total", function=function, outcome="ok") == ok + 2
+    assert (
+        worker_metric(cpu_worker, "taskstack_items_total", function=function, outcome="ok")
+        == ok + 2
+    )
 
 
 def test_a_killed_pool_process_leaves_the_live_count_and_keeps_the_totals(
@@ -97,9 +111,11 @@ def test_a_killed_pool_process_leaves_the_live_count_and_keeps_the_totals(
     )
     # The dead child's live-gauge file is swept at scrape time; its counts stay in the totals.
     assert wait_for(
-        lambda: total(cpu_worker, live, worker=cpu_worker.node) == processes, 20, "live count"
+        lambda: worker_metric(cpu_worker, live, worker=cpu_worker.node) == processes,
+        20,
+        "live count",
     )
-    assert total(cpu_worker, "taskstack_items_total") >= items
+    assert worker_metric(cpu_worker, "taskstack_items_total") >= items
 
 
 def test_the_endpoint_shows_no_secret(

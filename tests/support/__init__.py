@@ -7,8 +7,9 @@
   :func:`start`, :func:`child_pids`, :func:`pss_bytes`, :func:`settings_env`;
 - what went through Redis: :func:`redis_traffic`;
 - what the session's fixtures hand out: :class:`Worker`, :class:`Flower`;
-- HTTP with basic auth (Flower): :func:`http_get`;
-- proof that nothing was unpickled: :class:`Tripwire`;
+- HTTP with basic auth (Flower): :func:`http_get`; a worker's metrics: :func:`worker_metric`;
+- proof that nothing was unpickled: :class:`Tripwire`; a function new to the workers:
+  :func:`fresh_function`;
 - output that must get past pytest's capture: :func:`print_past_capture`.
 
 What the deployment files (compose.yaml, stack.yaml) say is read by
@@ -18,13 +19,14 @@ What the deployment files (compose.yaml, stack.yaml) say is read by
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -198,6 +200,32 @@ def http_get(url: str, *, basic_auth: str | None = None, timeout: float = 10) ->
         return exc.code, ""
 
 
+def scrape(worker: Worker) -> str:
+    """A worker's item metrics, as Prometheus scrapes them."""
+    status, body = http_get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5)
+    assert status == 200
+    return body
+
+
+def metric_samples(worker: Worker, name: str) -> Iterator[tuple[dict[str, str], float]]:
+    """The labels and value of each sample called ``name`` that ``worker`` serves."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(scrape(worker)):
+        for sample in family.samples:
+            if sample.name == name:
+                yield sample.labels, sample.value
+
+
+def worker_metric(node: Worker, name: str, /, **labels: str) -> float:
+    """The sum of ``node``'s samples called ``name`` that carry ``labels``."""
+    return sum(
+        value
+        for found, value in metric_samples(node, name)
+        if all(found.get(k) == v for k, v in labels.items())
+    )
+
+
 @dataclass
 class Flower:
     """The session's Flower: its base URL, ``user:password``, and its process."""
@@ -225,6 +253,19 @@ class Tripwire:
     @property
     def fired(self) -> bool:
         return self.path.exists()
+
+
+def fresh_function() -> Callable[[float], str]:
+    """A function no worker has run yet, under a name of its own: it sleeps ``seconds`` and
+    names its host. It travels by value (its module is importable nowhere), and its
+    ``function`` label in the item metrics is new, as a team's first map of a new function."""
+    name = f"fresh_{secrets.token_hex(4)}"
+    namespace: dict[str, Any] = {}
+    source = f"def {name}(seconds):\n    time.sleep(seconds)\n    return socket.gethostname()\n"
+    exec(source, {"time": time, "socket": socket}, namespace)
+    function: Callable[[float], str] = namespace[name]
+    function.__module__ = "taskstack_fresh_functions"
+    return function
 
 
 # -- output -------------------------------------------------------------------------------
