@@ -5,7 +5,8 @@ Counts the primes below ``--limit`` in ``--chunks`` ranges: first serially in
 this process, then on the cluster's ``cpu`` workers through ``ClusterExecutor``
 (the drop-in for ``ProcessPoolExecutor``), with a progress bar for each. Prints
 both times, the speed-up and how many ranges each worker host processed, and
-where to watch the stack: Flower and the throughput dashboard (Prometheus).
+where to watch the stack: Flower and, when a Prometheus answers, the throughput
+dashboard.
 
     docker compose up --wait && python scripts/demo.py
 
@@ -45,7 +46,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--prometheus-url",
-        default=f"http://127.0.0.1:{os.environ.get('PROMETHEUS_PORT') or 9090}",
         help="Prometheus, as the browser reaches it (default: PROMETHEUS_PORT on loopback)",
     )
     args = parser.parse_args()
@@ -86,7 +86,8 @@ def main() -> None:
         print(f"  {host:<24} {count:5d}")
     print("\nwatch the stack:")
     print(f"  Flower (user {settings.flower_user!r}): {args.flower_url}")
-    print(f"  throughput dashboard (Prometheus): {dashboard.url(args.prometheus_url)}")
+    prometheus = args.prometheus_url or f"http://127.0.0.1:{settings.prometheus_port}"
+    print(f"  throughput dashboard (Prometheus): {dashboard.link(prometheus)}")
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ def _default_redis_url(port: int = 6379, password: str = DEFAULT_REDIS_PASSWORD)
 class Settings:
     """Configuration of the app, the workers, Flower and the clients.
 
-    :meth:`from_env` reads each field from the environment variable that
-    :data:`ENV_VARS` names for it.
+    :meth:`from_env` reads each field from the variable :data:`ENV_VARS` names for it.
     """
 
     redis_url: str = _default_redis_url()
@@ -87,6 +86,8 @@ class Settings:
     """Modules a worker imports at start to register its Celery tasks (a team's own too)."""
     metrics_port: int = 9808
     """Port of each worker's Prometheus endpoint (item metrics), never published; 0 turns them off."""
+    prometheus_port: int = 9090
+    """Port of Prometheus on this host (compose.yaml publishes it, ``taskstack-local`` runs it)."""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.redis_url)
@@ -99,12 +100,11 @@ class Settings:
                 "REDIS_URL has no password: use redis://:PASSWORD@HOST:PORT/DB "
                 "(the stack's Redis always requires one)"
             )
-        for field, (name, parse) in ENV_VARS.items():  # every count, size and duration
-            if parse in (int, float) and field != "metrics_port":
+        for field, (name, parse) in ENV_VARS.items():  # every count, size, duration and port
+            if parse in (int, float) and field != "metrics_port":  # 0 turns the metrics off
                 _positive(name, getattr(self, field))
-        if not 0 <= self.metrics_port < 65536:
-            port = self.metrics_port
-            raise SettingsError(f"WORKER_METRICS_PORT must be a port number or 0, got {port}")
+            if field.endswith("_port") and not 0 <= (port := getattr(self, field)) < 65536:
+                raise SettingsError(f"{name} must be a port number, got {port}")
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -292,6 +292,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "bind_address": ("BIND_ADDRESS", str),
     "task_modules": ("TASK_MODULES", _modules),
     "metrics_port": ("WORKER_METRICS_PORT", int),
+    "prometheus_port": ("PROMETHEUS_PORT", int),
 }
 """Settings field -> (environment variable, parser)."""
 

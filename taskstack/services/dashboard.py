@@ -4,13 +4,16 @@ Flower 2.x shows no graphs over time; the stack's Prometheus
 (services/prometheus/) keeps the workers' item metrics and Flower's task
 metrics, and this one URL opens a panel for each of the numbers below. The
 README's link is this module's :func:`url` (a test keeps them equal);
-``scripts/demo.py`` prints it.
+``scripts/demo.py`` prints it through :func:`link`, only while a Prometheus
+answers (``taskstack-local`` runs none without a ``prometheus`` binary).
 """
 
 from __future__ import annotations
 
+import http.client
+import urllib.request
 from typing import Final
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 PANELS: Final = (
     ("items/s per worker", "sum by (worker) (taskstack:items:rate1m)"),
@@ -44,3 +47,23 @@ def url(base: str = "http://127.0.0.1:9090", span: str = RANGE) -> str:
 
 def queries() -> list[str]:
     return [query for _, query in PANELS]
+
+
+def ready(base: str, timeout: float = 3) -> bool:
+    """Whether the Prometheus at ``base`` answers, with its storage open (``/-/ready``)."""
+    try:
+        with urllib.request.urlopen(f"{base.rstrip('/')}/-/ready", timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (OSError, http.client.HTTPException):  # refused, timed out, not HTTP, an error status
+        return False
+
+
+def link(base: str) -> str:
+    """The dashboard's URL while a Prometheus answers at ``base``; else words saying none
+    runs, since a link would lead nowhere."""
+    if ready(base):
+        return url(base)
+    return (
+        f"none, no Prometheus runs (nothing answers on {urlsplit(base).netloc}; "
+        "taskstack-local starts one when a `prometheus` binary is on PATH)"
+    )

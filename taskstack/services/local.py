@@ -1,10 +1,13 @@
 """The stack as local processes, for machines without Docker: ``taskstack-local``.
 
 Starts ``redis-server`` (unless ``REDIS_URL`` names one), a ``cpu`` worker, an
-``io`` worker and Flower, prefixes their output with their names (honcho does
-the process management). On Ctrl-C the workers and Flower stop first, each
-given the workers' full soft shutdown, and Redis last, so that the tasks the
-workers hand back reach it. The integration tests start the very same commands.
+``io`` worker, Flower and, when a ``prometheus`` binary is on PATH, Prometheus
+with the compose stack's rules and dashboard (:mod:`taskstack.services.prometheus`;
+without one it says so and runs the rest), prefixes their output with their
+names (honcho does the process management). On Ctrl-C the workers, Flower and
+Prometheus stop first, each given the workers' full soft shutdown, and Redis
+last, so that the tasks the workers hand back reach it. The integration tests
+start the very same commands.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from taskstack import names
+from taskstack.services import dashboard, prometheus
 from taskstack.settings import Settings
 from taskstack.worker.shutdown import STOP_GRACE_PERIOD_SECONDS
 
@@ -42,14 +46,54 @@ def redis_config(password: str, port: int, data_dir: Path) -> str:
     )
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, readable by this user only (whatever its mode was)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with open(fd, "w") as file:
+        file.write(text)
+    return path
+
+
 def write_redis_config(settings: Settings, data_dir: Path) -> Path:
     """Write the config for the Redis named by ``settings.redis_url``, readable by us only."""
     url = urlsplit(settings.redis_url)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "redis.conf"
-    path.touch(mode=0o600)
-    path.write_text(redis_config(url.password or "", url.port or 6379, data_dir.resolve()))
-    return path
+    config = redis_config(url.password or "", url.port or 6379, data_dir.resolve())
+    return write_private(data_dir / "redis.conf", config)
+
+
+def metrics_ports(settings: Settings) -> dict[str, int]:
+    """Each queue's worker -> the port of its item metrics (0: none)."""
+    # One host, two workers: each serves its item metrics on a port of its own.
+    base = settings.metrics_port
+    return {queue: base + index if base else 0 for index, queue in enumerate(names.QUEUES)}
+
+
+def prometheus_command(settings: Settings, flower_port: int, state_dir: Path) -> list[str]:
+    """Write Prometheus's config and Flower's password file in ``state_dir``, readable by us
+    only, and return its command; FileNotFoundError when it cannot run here."""
+    template = prometheus.CONFIG_DIR / "prometheus.yml"
+    if not template.is_file():
+        raise FileNotFoundError(
+            f"{template} is missing (Prometheus runs from a checkout): running without it"
+        )
+    ports = metrics_ports(settings).items()
+    argv = prometheus.command(
+        state_dir / "prometheus.yml", state_dir / "data", settings.prometheus_port
+    )
+    password_file = write_private(state_dir / "flower_password", settings.flower_password)
+    config = prometheus.config(
+        template.read_text(),
+        flower=f"127.0.0.1:{flower_port}",
+        flower_user=settings.flower_user,
+        password_file=password_file.resolve(),
+        workers={f"worker-{queue}": f"127.0.0.1:{port}" for queue, port in ports if port},
+    )
+    write_private(
+        state_dir / "prometheus.yml", f"# Written by taskstack-local from {template}\n{config}"
+    )
+    return argv
 
 
 def worker_command(queue: str, hostname: str = "%h") -> list[str]:
@@ -91,9 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # honcho SIGKILLs whatever still runs 5 s after Ctrl-C: a worker needs its soft shutdown.
     honcho.manager.KILL_WAIT = STOP_GRACE_PERIOD_SECONDS
     manager = honcho.manager.Manager()
-    for index, queue in enumerate(names.QUEUES):
-        # One host, two workers: each serves its item metrics on a port of its own.
-        port = settings.metrics_port + index if settings.metrics_port else 0
+    for queue, port in metrics_ports(settings).items():
         env = dict(os.environ, WORKER_METRICS_PORT=str(port))
         manager.add_process(f"worker-{queue}", shlex.join(worker_command(queue)), env=env)
     flower = flower_command(args.flower_port, args.state_dir / "flower.db")
@@ -102,6 +144,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Flower: http://127.0.0.1:{args.flower_port} (user {settings.flower_user!r})",
         file=sys.stderr,
     )
+    try:
+        state = args.state_dir / "prometheus"
+        manager.add_process(
+            "prometheus", shlex.join(prometheus_command(settings, args.flower_port, state))
+        )
+        base = f"http://127.0.0.1:{settings.prometheus_port}"
+        print(f"Prometheus: {base}, the dashboard: {dashboard.url(base)}", file=sys.stderr)
+    except FileNotFoundError as exc:
+        print(f"taskstack-local: {exc}", file=sys.stderr)
     try:
         manager.loop()
     finally:

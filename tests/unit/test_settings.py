@@ -57,6 +57,8 @@ def test_from_env_parses_every_type() -> None:
         ({"LEASE_SWEEP_SECONDS": "0"}, "LEASE_SWEEP_SECONDS must be positive"),
         ({"LEASE_SWEEP_SECONDS": "20"}, "LEASE_SWEEP_SECONDS (20.0) must not exceed"),
         ({"BIND_ADDRESS": "everywhere"}, "BIND_ADDRESS must be an IP address"),
+        ({"PROMETHEUS_PORT": "0"}, "PROMETHEUS_PORT must be positive"),
+        ({"PROMETHEUS_PORT": "90900"}, "PROMETHEUS_PORT must be a port number, got 90900"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
