@@ -205,6 +205,8 @@ class InFlight:
     """Outcomes settled so far: they arrive in order, in one or more replies."""
     replied: float = 0.0
     """When the latest of those replies came (``time.monotonic()``; 0 before the first)."""
+    unpicklable: dict[int, Exception] = field(default_factory=dict)
+    """Calls that could not be pickled, by index: each settles with its own error, here."""
     started: float = 0.0
     """When a worker said it started the batch (submitted calls only; 0 until then)."""
     sent: bool = False

@@ -1,9 +1,10 @@
 """Turning a batch into a signed payload: one call's pickling error stays its own.
 
 A call that cannot be pickled (a lock, an open file, a generator in its
-arguments) is replaced by a call that raises the pickling error on the worker,
-so that the error lands on that call's future or map position alone, and the
-rest of its batch runs. Code pickled by value (functions from ``__main__``,
+arguments) is replaced by a stand-in, so that the rest of its batch runs; the
+client settles that call's future or map position with the error pickling
+raised here (``TypeError: cannot pickle '_thread.lock' object``), as the
+standard library's pools do, whatever the stand-in's outcome. Code pickled by value (functions from ``__main__``,
 lambdas, closures) loads only on the Python minor version that pickled it:
 such a batch is refused before it is sent when the workers run another one.
 Big buffers and :func:`taskstack.share` handles leave the batch through the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, NamedTuple
 
 import cloudpickle
 import redis
@@ -31,6 +32,13 @@ names one of them exactly when it carries code (checked against the locked cloud
 by tests/unit/test_packing.py)."""
 
 
+class Packed(NamedTuple):
+    blob: bytes
+    """The signed payload."""
+    unpicklable: dict[int, Exception]
+    """The calls replaced by a stand-in, by index in the batch: what pickling each raised."""
+
+
 def pack(
     signer: Signer,
     calls: names.Batch,
@@ -41,7 +49,7 @@ def pack(
     worker_pythons: Iterable[str] = (),
     store: SharedStore | None = None,
     memo: Memo | None = None,
-) -> bytes:
+) -> Packed:
     """The signed payload for ``calls``; raises what makes the whole batch unsendable.
 
     With a ``store``, big buffers and shared handles are stored apart (once per
@@ -53,6 +61,7 @@ def pack(
             return signer.dumps(request)
         return store.dumps(signer, request, memo if memo is not None else Memo())
 
+    unpicklable: dict[int, Exception] = {}
     try:
         blob = dumps((calls, setup))
     except (PayloadTooLarge, redis.RedisError):  # over the budget, or storing failed
@@ -60,7 +69,7 @@ def pack(
     except Exception:
         if setup is not None:
             _check_picklable(setup, "the initializer and its arguments")
-        blob = dumps(([_isolated(call) for call in calls], setup))
+        blob = dumps(([_isolated(i, call, unpicklable) for i, call in enumerate(calls)], setup))
     others = sorted(set(worker_pythons) - {local_python})
     if others and any(marker in blob for marker in BY_VALUE_MARKERS):
         raise VersionMismatch(
@@ -78,7 +87,7 @@ def pack(
             "wrap a big object every call uses in taskstack.share(obj), or pass a path or key "
             "instead of the data itself"
         )
-    return blob
+    return Packed(blob, unpicklable)
 
 
 def _trial(obj: object) -> None:
@@ -86,10 +95,12 @@ def _trial(obj: object) -> None:
     cloudpickle.dumps(obj, protocol=5, buffer_callback=lambda _: False)
 
 
-def _isolated(call: names.Call) -> names.Call:
+def _isolated(index: int, call: names.Call, failed: dict[int, Exception]) -> names.Call:
+    """``call``, or a stand-in if it cannot be pickled (its error kept in ``failed``)."""
     try:
         _trial(call)
     except Exception as exc:
+        failed[index] = exc
         fn = getattr(call[0], "__qualname__", repr(call[0]))
         error = pickle.PicklingError(
             f"the call {fn}(...) could not be pickled to send it to the workers: "

@@ -171,6 +171,11 @@ class Receiver:
                 d._cv.notify_all()
         if not fresh:
             return
+        if batch.unpicklable:  # the stand-ins' outcomes: each call's own error instead
+            fresh = [
+                (False, (batch.unpicklable[i], "")) if i in batch.unpicklable else outcome
+                for i, outcome in enumerate(fresh, start)
+            ]
         if batch.job is not None:
             batch.job.events.put((batch.first + start, fresh))
             return

@@ -99,7 +99,7 @@ class Sender:
     def send(self, producer: Any, batch: InFlight, calls: names.Batch) -> None:
         d = self.dispatcher
         try:
-            blob = pack(
+            blob, batch.unpicklable = pack(
                 d.signer,
                 calls,
                 d.setup,

@@ -10,7 +10,8 @@ which the stack keeps on its internal network.
 Nothing here may slow or fail a worker: recording is a few in-memory (mmap)
 updates per batch, never per item; the endpoint is a thread of the main
 process that nobody needs to call; and any error while recording is logged
-once and otherwise ignored. ``WORKER_METRICS_PORT=0`` turns all of it off.
+once and otherwise ignored. ``WORKER_METRICS_PORT=0`` turns all of it off. What a
+scrape reads is in :mod:`taskstack.worker.collectors`.
 """
 
 from __future__ import annotations
@@ -18,26 +19,20 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 import shutil
 import tempfile
-import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import redis
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from taskstack import names
-
-if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
-    from prometheus_client.samples import Sample
+from taskstack.worker import collectors
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +45,6 @@ ITEM_SECONDS_BUCKETS = (1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0,
 """From a call that does nearly nothing to one that fills a batch alone."""
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 """The ``outcome`` label of an item: it returned, it raised, it never ran (cancelled, stopped)."""
-NEW_SERIES_HOLD_SECONDS = 2.5
-"""How long a new series is served at 0: under the stack's 5 s scrape interval
-(services/prometheus/prometheus.yml), so one scrape sees the 0 and the next the count,
-at most two intervals after the batch. A Prometheus of its own that scrapes less often
-sees the same; a second scraper of the same endpoint may miss the 0."""
-QUEUE_LENGTH_TIMEOUT = 1.0
-"""Seconds a scrape waits for Redis to say how long the queue is."""
-_PID_FILE = re.compile(r"_(\d+)\.db$")
 
 
 class _Metrics:
@@ -207,8 +194,8 @@ def start(port: int, address: str, queue: str, node: str, redis_url: str) -> boo
     # that the directory is set, whoever imported it first.
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
-    registry.register(_Collector(directory))
-    registry.register(_QueueLength(queue, redis_url))
+    registry.register(collectors.MultiProcess(directory))
+    registry.register(collectors.QueueLength(queue, redis_url))
     try:
         start_http_server(port, addr=address, registry=registry)
     except OSError as exc:
@@ -230,89 +217,4 @@ def start(port: int, address: str, queue: str, node: str, redis_url: str) -> boo
 
 
 def _process_down(pid: int | None = None, **_: Any) -> None:
-    _mark_dead(os.getpid() if pid is None else pid)
-
-
-def _mark_dead(pid: int) -> None:
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
-
-
-class _Collector:
-    """prometheus_client's MultiProcessCollector, after forgetting children that died,
-    with every new counter and histogram series shown at 0 first.
-
-    A child killed outright (its memory limit, a crash) runs no shutdown hook, so
-    each scrape also sweeps the files of processes that are gone.
-
-    Prometheus's ``rate()`` and ``increase()`` count what a series gained *between*
-    samples: a series whose first sample already holds a batch's items would never
-    count them (the demo's whole map, a new replica's first minute). So a series is
-    served at 0 for :data:`NEW_SERIES_HOLD_SECONDS` after a scrape first finds it,
-    and with its value from then on: the next scrape sees the step from 0, however
-    short the job that made it.
-    """
-
-    def __init__(self, directory: str) -> None:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        self.directory = directory
-        self.inner = MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
-        self.first_seen: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-
-    def collect(self) -> Iterable[Metric]:
-        for pid in set(_pids(self.directory)):
-            if not os.path.exists(f"/proc/{pid}"):
-                _mark_dead(pid)
-        metrics: list[Metric] = list(self.inner.collect())  # type: ignore[no-untyped-call]
-        now = time.monotonic()
-        for metric in metrics:
-            if metric.type in ("counter", "histogram"):
-                metric.samples = [self._held(metric.name, sample, now) for sample in metric.samples]
-        return metrics
-
-    def _held(self, name: str, sample: Sample, now: float) -> Sample:
-        # One series is every sample of a label set (a histogram's buckets, sum and count).
-        series = (name, frozenset((k, v) for k, v in sample.labels.items() if k != "le"))
-        if now - self.first_seen.setdefault(series, now) < NEW_SERIES_HOLD_SECONDS:
-            return sample._replace(value=0.0)
-        return sample
-
-
-class _QueueLength:
-    """The messages waiting in this worker's queue, read from Redis when scraped.
-
-    Every replica reports the same number (take ``max by (queue)``). A Redis that
-    does not answer within a second leaves the gauge out of that scrape.
-    """
-
-    def __init__(self, queue: str, redis_url: str) -> None:
-        self.queue = queue
-        self.client = redis.Redis.from_url(
-            redis_url, socket_timeout=QUEUE_LENGTH_TIMEOUT, socket_connect_timeout=1.0
-        )
-
-    def collect(self) -> Iterable[Metric]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        try:
-            # kombu keeps messages with a priority in lists of their own, queue\x06\x16<p>.
-            with self.client.pipeline(transaction=False) as pipe:
-                for key in (self.queue, *(f"{self.queue}\x06\x16{p}" for p in range(1, 10))):
-                    pipe.llen(key)
-                waiting = sum(pipe.execute())
-        except redis.RedisError:
-            return []
-        gauge = GaugeMetricFamily(
-            "taskstack_queue_messages", "Messages waiting in a queue.", labels=["queue"]
-        )
-        gauge.add_metric([self.queue], waiting)
-        return [gauge]
-
-
-def _pids(directory: str) -> Iterator[int]:
-    for name in os.listdir(directory):
-        match = _PID_FILE.search(name)
-        if match:
-            yield int(match.group(1))
+    collectors.mark_dead(os.getpid() if pid is None else pid)

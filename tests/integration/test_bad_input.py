@@ -10,6 +10,7 @@ import re
 import secrets
 import signal
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis
@@ -34,6 +35,7 @@ def assert_still_serving(app: Celery, worker: Worker) -> None:
     assert worker.service.process.poll() is None
 
 
+@pytest.mark.worker_traceback("KeyError: 'taskstack.no_such_task'")
 def test_unknown_task_name_fails_its_result_and_is_logged(app: Celery, cpu_worker: Worker) -> None:
     result = app.send_task("taskstack.no_such_task", (1,), queue=names.CPU_QUEUE)
     with pytest.raises(NotRegistered, match=r"taskstack\.no_such_task"):
@@ -45,15 +47,20 @@ def test_unknown_task_name_fails_its_result_and_is_logged(app: Celery, cpu_worke
     assert_still_serving(app, cpu_worker)
 
 
+def failing(args: tuple[object, ...], error: type[Exception], message: str) -> Any:
+    """A case whose task fails on the worker, which logs the failure with its traceback."""
+    return pytest.param(args, error, message, marks=pytest.mark.worker_traceback(message))
+
+
 @pytest.mark.parametrize(
     ("args", "error", "message"),
     [
-        ((1, 2, 3), TypeError, "takes 2 positional arguments but 3 were given"),
-        ((), TypeError, "missing 2 required positional arguments"),
-        ((10,), TypeError, "stop"),
-        (([1], 2), TypeError, "start must be an int, got list"),
-        (("a", 10), TypeError, "start must be an int, got str"),
-        ((10, 1), ValueError, "stop (1) must not be below start (10)"),
+        failing((1, 2, 3), TypeError, "takes 2 positional arguments but 3 were given"),
+        failing((), TypeError, "missing 2 required positional arguments"),
+        failing((10,), TypeError, "stop"),
+        failing(([1], 2), TypeError, "start must be an int, got list"),
+        failing(("a", 10), TypeError, "start must be an int, got str"),
+        failing((10, 1), ValueError, "stop (1) must not be below start (10)"),
     ],
 )
 def test_wrong_argument_count_type_or_value(
@@ -77,6 +84,7 @@ def test_non_json_arguments_are_refused_before_sending(
     assert redis_client.llen(names.CPU_QUEUE) == before
 
 
+@pytest.mark.worker_traceback("PayloadTooLarge")
 def test_oversized_batches_are_refused_on_both_sides(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:
@@ -93,6 +101,7 @@ def test_oversized_batches_are_refused_on_both_sides(
             future.result(timeout=RESULT_TIMEOUT)
 
 
+@pytest.mark.worker_traceback("KeyError: 'task'")
 def test_malformed_messages_in_the_queue_are_dropped_and_logged(
     app: Celery, cpu_worker: Worker, redis_client: redis.Redis, tripwire: Tripwire
 ) -> None:
@@ -132,6 +141,7 @@ def kill_own_process() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.worker_traceback("WorkerLostError")
 def test_poison_call_is_given_up_and_does_not_block_the_queue(
     executor: ClusterExecutor, app: Celery, cpu_worker: Worker
 ) -> None:
@@ -185,6 +195,7 @@ def _send_raw_batch(settings: Settings, blob: bytes) -> tuple[str, bytes]:
     return reply_to, reply
 
 
+@pytest.mark.worker_traceback("SignatureError")
 @pytest.mark.parametrize("forge", ["wrong secret", "no signature", "tampered"])
 def test_forged_payloads_are_refused_and_never_unpickled(
     redis_server: Settings, cpu_worker: Worker, tripwire: Tripwire, forge: str

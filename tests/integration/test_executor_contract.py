@@ -8,15 +8,16 @@ bounded every wait.
 from __future__ import annotations
 
 import json
-import pickle
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import traceback
 from concurrent.futures import CancelledError, wait
 
+import joblib
 import pytest
 import redis
 from celery import Celery
@@ -25,6 +26,7 @@ from celery.states import READY_STATES
 from taskstack import (
     ClusterExecutor,
     ClusterFuture,
+    Pool,
     RemoteError,
     RemoteTraceback,
     VersionMismatch,
@@ -170,7 +172,16 @@ def test_a_cancelled_call_sharing_a_batch_with_others_does_not_run(
             burst[i].result()
 
 
-# 6. One argument that cannot be pickled fails its own future only.
+# 6. One argument that cannot be pickled fails its own future only, with the error pickling
+# raised in this process (as the standard library's pools do), not a worker's traceback.
+UNPICKLABLE = r"cannot pickle '_thread\.lock' object"
+
+
+def _assert_pickling_error_of_this_process(caught: pytest.ExceptionInfo[TypeError]) -> None:
+    assert not isinstance(caught.value.__cause__, RemoteTraceback)
+    assert "taskstack/worker" not in "".join(traceback.format_exception(caught.value))
+
+
 def test_an_unpicklable_argument_fails_only_its_own_call(executor: ClusterExecutor) -> None:
     futures = [
         executor.submit(abs, -1),
@@ -179,15 +190,32 @@ def test_an_unpicklable_argument_fails_only_its_own_call(executor: ClusterExecut
     ]
     assert futures[0].result(timeout=30) == 1
     assert futures[2].result(timeout=30) == 3
-    with pytest.raises(pickle.PicklingError, match=r"abs\(...\) could not be pickled"):
+    with pytest.raises(TypeError, match=UNPICKLABLE) as caught:
         futures[1].result(timeout=30)
+    _assert_pickling_error_of_this_process(caught)
 
 
 def test_an_unpicklable_item_of_a_map_fails_at_its_position(executor: ClusterExecutor) -> None:
     results = executor.map(abs, [-1, threading.Lock(), -3])
     assert next(results) == 1
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises(TypeError, match=UNPICKLABLE) as caught:
         next(results)
+    _assert_pickling_error_of_this_process(caught)
+
+
+def test_an_unpicklable_argument_in_the_pool_and_joblib(pool: Pool, redis_server: Settings) -> None:
+    with pytest.raises(TypeError, match=UNPICKLABLE) as caught:
+        pool.apply_async(abs, (threading.Lock(),)).get(timeout=30)
+    _assert_pickling_error_of_this_process(caught)
+    with pytest.raises(TypeError, match=UNPICKLABLE) as caught:
+        pool.map(abs, [-1, threading.Lock()])
+    _assert_pickling_error_of_this_process(caught)
+    with (
+        joblib.parallel_config(backend="taskstack", settings=redis_server, n_jobs=2),
+        pytest.raises(TypeError, match=UNPICKLABLE) as caught,
+    ):
+        joblib.Parallel()(joblib.delayed(abs)(x) for x in [-1, threading.Lock(), -3])
+    _assert_pickling_error_of_this_process(caught)
 
 
 # 9. The standard signature: max_workers bounds running calls; initializer runs first.

@@ -14,7 +14,7 @@ import pytest
 
 from taskstack import ClusterExecutor, names
 from taskstack.settings import Settings
-from taskstack.worker import metrics
+from taskstack.worker import collectors
 from tests.integration.work import inverse, square
 from tests.support import (
     Worker,
@@ -74,7 +74,7 @@ def test_a_new_series_is_served_at_zero_once_then_with_its_count(
     started = time.monotonic()
     wait_total(cpu_worker, "taskstack_items_total", 200, function=label, outcome="ok")
     held = time.monotonic() - started
-    assert metrics.NEW_SERIES_HOLD_SECONDS - 0.5 < held < metrics.NEW_SERIES_HOLD_SECONDS + 2
+    assert collectors.NEW_SERIES_HOLD_SECONDS - 0.5 < held < collectors.NEW_SERIES_HOLD_SECONDS + 2
     assert worker_metric(cpu_worker, "taskstack_items_total", function=label) == 200
 
 

@@ -5,6 +5,7 @@
   :func:`free_port`;
 - child processes: :func:`run` (stderr kept on failure), :class:`Service` and
   :func:`start`, :func:`child_pids`, :func:`pss_bytes`, :func:`settings_env`;
+- the stack's services: :func:`start_redis`, :func:`start_flower`;
 - what went through Redis: :func:`redis_traffic`;
 - what the session's fixtures hand out: :class:`Worker`, :class:`Flower`;
 - HTTP with basic auth (Flower): :func:`http_get`; a worker's metrics: :func:`worker_metric`;
@@ -32,8 +33,10 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import pytest
+import redis
 from celery import Celery
 
+from taskstack.services.local import flower_command, redis_command, write_redis_config
 from taskstack.settings import ENV_VARS, Settings
 
 T = TypeVar("T")
@@ -162,12 +165,14 @@ class Service:
         return self.log.read_text(errors="replace")
 
 
-def start(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Service:
-    """Start ``argv`` with its output in ``logs/<name>.log``."""
+def start(
+    name: str, argv: list[str], env: dict[str, str], logs: Path, cwd: Path | None = None
+) -> Service:
+    """Start ``argv`` (in ``cwd``, or the tests' own) with its output in ``logs/<name>.log``."""
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
     out: IO[bytes] = log.open("wb")
-    process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     out.close()
     return Service(name, process, log)
 
@@ -236,6 +241,38 @@ class Flower:
 
     def get(self, path: str, *, auth: bool = True) -> tuple[int, str]:
         return http_get(self.url + path, basic_auth=self.basic_auth if auth else None)
+
+
+# -- the stack's services ------------------------------------------------------------------
+
+
+def start_redis(settings: Settings, data_dir: Path, logs: Path, name: str = "redis") -> Service:
+    """Start the redis-server ``settings.redis_url`` names, and wait until it answers PING.
+
+    Started again on the same ``data_dir``, it has the same port and what it held
+    (append-only file): a broker restart.
+    """
+    config = write_redis_config(settings, data_dir)
+    service = start(name, redis_command(config), dict(os.environ), logs)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        wait_for(client.ping, 20, f"redis-server to answer PING (log: {service.log})")
+    finally:
+        client.close()
+    return service
+
+
+def start_flower(settings: Settings, logs: Path, name: str = "flower") -> Flower:
+    """Start Flower as the stack runs it, on a free port, and wait for its healthcheck."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    service = start(name, flower_command(port), settings_env(settings), logs)
+    wait_for(
+        lambda: http_get(f"{url}/healthcheck", timeout=1)[0] == 200,
+        60,
+        f"Flower /healthcheck (log: {service.log})",
+    )
+    return Flower(url, settings.flower_basic_auth, service)
 
 
 # -- pickles -------------------------------------------------------------------------------

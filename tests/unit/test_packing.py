@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from taskstack.client.packing import BY_VALUE_MARKERS, pack
+from taskstack.client.packing import BY_VALUE_MARKERS, Packed, pack
 from taskstack.errors import PayloadTooLarge, VersionMismatch, raise_error
 from taskstack.signing import Signer
 from tests.integration.work import square
@@ -18,7 +18,7 @@ LIMIT = 1 << 20
 
 def _pack(
     calls: list[tuple[object, tuple[object, ...], None]], workers: tuple[str, ...] = ()
-) -> bytes:
+) -> Packed:
     return pack(SIGNER, calls, None, max_bytes=LIMIT, local_python="3.11", worker_pythons=workers)  # type: ignore[arg-type]
 
 
@@ -36,12 +36,16 @@ def test_code_by_value_is_refused_for_workers_on_another_python() -> None:
     _pack([(lambda x: x, (1,), None)], workers=("3.11",))  # same Python: fine
 
 
-def test_an_unpicklable_call_becomes_a_call_that_raises_its_error() -> None:
-    calls, _ = SIGNER.loads(_pack([(square, (2,), None), (square, (threading.Lock(),), None)]))
+def test_an_unpicklable_call_is_a_stand_in_and_its_own_error_is_kept() -> None:
+    packed = _pack([(square, (2,), None), (square, (threading.Lock(),), None)])
+    calls, _ = SIGNER.loads(packed.blob)
     assert calls[0] == (square, (2,), None)
     fn, (error,), _ = calls[1]
     assert fn is raise_error
     assert isinstance(error, pickle.PicklingError) and "square(...)" in str(error)
+    assert list(packed.unpicklable) == [1]  # what the client settles the call with
+    assert isinstance(packed.unpicklable[1], TypeError)
+    assert "cannot pickle '_thread.lock' object" in str(packed.unpicklable[1])
 
 
 def test_an_oversized_batch_names_the_limit() -> None:
