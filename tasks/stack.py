@@ -1,8 +1,9 @@
 """The stack's Celery tasks: thin wrappers over :mod:`tasks.compute` and :mod:`tasks.iowork`.
 
 Their names (``taskstack.count_primes``...) come from :mod:`taskstack.names`,
-so they never clash with a team's; ``shared_task`` registers them on whichever
-app the worker runs.
+so they never clash with a team's. :func:`taskstack.shared_task` is Celery's
+decorator, typed: it registers them on whichever app the worker runs, and each
+keeps its function's signature (``count_primes.delay("0", 10)`` is a type error).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import socket
 import threading
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Task
 
 from tasks import compute, iowork
-from taskstack import names
+from taskstack import names, shared_task
 
 
 def _node(task: Task) -> str:

@@ -24,6 +24,7 @@ from taskstack.errors import (
 from taskstack.settings import Settings
 from taskstack.sharing import Shared, share
 from taskstack.signing import Signer
+from taskstack.task import TypedTask, shared_task
 
 register()
 
@@ -44,7 +45,9 @@ __all__ = [
     "SignatureError",
     "Signer",
     "Terminated",
+    "TypedTask",
     "VersionMismatch",
     "create_app",
     "share",
+    "shared_task",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import redis
-from celery import shared_task
+
+from taskstack import shared_task
 
 
 @shared_task(name="tests.count_run")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tasks import compute
+from tasks import compute, stack
 from taskstack import names
 from tests.support import Worker
 
@@ -33,6 +33,17 @@ def test_cpu_tasks_return_correct_results(app: Celery, cpu_worker: Worker) -> No
     results = [app.send_task(name, args) for name, args, _ in calls]
     for (name, _, expected), result in zip(calls, results, strict=True):
         assert result.get(timeout=RESULT_TIMEOUT) == expected, name
+
+
+def test_a_typed_task_is_celerys_own_and_sends_itself(app: Celery, cpu_worker: Worker) -> None:
+    # taskstack.shared_task returns the task Celery registered: delay() sends it by its
+    # name through the current app, and a direct call runs the function here.
+    app.set_current()
+    result = stack.count_primes.delay(0, 20_000)
+    assert result.get(timeout=RESULT_TIMEOUT) == compute.count_primes(0, 20_000)
+    assert result.worker == cpu_worker.node
+    assert stack.count_primes.name == names.COUNT_PRIMES
+    assert stack.count_primes(0, 100) == 25
 
 
 def test_cpu_work_runs_in_prefork_children_and_io_work_in_threads(

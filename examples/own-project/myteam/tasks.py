@@ -7,7 +7,7 @@ by name (``app.send_task("myteam.slug", ("Déjà vu",))``) and need none of this
 
 from __future__ import annotations
 
-from celery import shared_task
+from taskstack import shared_task
 
 from myteam import text
 
