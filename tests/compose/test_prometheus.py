@@ -307,8 +307,8 @@ def test_every_item_counts_for_a_new_function_and_a_replica_just_added(
         # The dashboard's items/s shows every replica, the new one included.
         for host in ran:
             worker = names.node_name(names.CPU_QUEUE, host)
-            rate = f'max_over_time(sum(taskstack:items:rate1m{{worker="{worker}"}})[2m:5s])'
-            assert (value(stack, rate) or 0) > 0, worker
+            rate = f'max(max_over_time(taskstack:items:rate1m{{worker="{worker}"}}[2m]))'
+            wait_for(lambda q=rate: (value(stack, q) or 0) > 0, 30, f"items/s of {worker}")  # type: ignore[misc]
         print_past_capture(request.config, f"items per replica, client and Prometheus: {ran}")
     finally:
         stack.compose("up", "--wait", "--no-recreate", f"--scale=worker-cpu={CPU_WORKERS}")
