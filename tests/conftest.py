@@ -6,7 +6,6 @@ are re-exported here for the modules that still import them from this file.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -19,21 +18,17 @@ from celery import Celery
 
 from taskstack import names
 from taskstack.app import create_app
-from taskstack.services.local import (
-    flower_command,
-    redis_command,
-    worker_command,
-    write_redis_config,
-)
+from taskstack.services.local import worker_command
 from taskstack.settings import Settings
 from tests.support import (
     Flower,
     Tripwire,
     Worker,
     free_port,
-    http_get,
     settings_env,
     start,
+    start_flower,
+    start_redis,
     tracebacks,
 )
 from tests.support import require as require
@@ -76,12 +71,8 @@ def redis_server(
 ) -> Iterator[Settings]:
     """A real redis-server on a free loopback port, password required."""
     require(shutil.which("redis-server") is not None, "redis-server")
-    config = write_redis_config(base_settings, tmp_path_factory.mktemp("redis"))
-    service = start("redis", redis_command(config), dict(os.environ), logs_dir)
-    client = redis.Redis.from_url(base_settings.redis_url)
-    wait_for(client.ping, 20, "redis-server to answer PING")
+    service = start_redis(base_settings, tmp_path_factory.mktemp("redis"), logs_dir)
     yield base_settings
-    client.close()
     service.stop()
 
 
@@ -148,16 +139,9 @@ def io_worker(start_worker: Callable[..., Worker]) -> Worker:
 
 @pytest.fixture(scope="session")
 def flower(redis_server: Settings, logs_dir: Path) -> Iterator[Flower]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    service = start("flower", flower_command(port), settings_env(redis_server), logs_dir)
-    wait_for(
-        lambda: http_get(f"{url}/healthcheck", timeout=1)[0] == 200,
-        60,
-        f"Flower /healthcheck (log: {service.log})",
-    )
-    yield Flower(url, redis_server.flower_basic_auth, service)
-    service.stop()
+    flower = start_flower(redis_server, logs_dir)
+    yield flower
+    flower.service.stop()
 
 
 @pytest.fixture
