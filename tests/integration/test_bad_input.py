@@ -101,7 +101,7 @@ def test_oversized_batches_are_refused_on_both_sides(
             future.result(timeout=RESULT_TIMEOUT)
 
 
-@pytest.mark.worker_traceback("KeyError: 'task'")
+@pytest.mark.worker_traceback("KeyError: 'task'", "ContentDisallowed", "DecodeError")
 def test_malformed_messages_in_the_queue_are_dropped_and_logged(
     app: Celery, cpu_worker: Worker, redis_client: redis.Redis, tripwire: Tripwire
 ) -> None:

@@ -12,6 +12,7 @@ test ends is blamed on the next one: the run fails either way.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.support import wait_for
 
 MARKER = "worker_traceback"
 START = "Traceback (most recent call last)"
+CHAINED = re.compile(r"(another exception occurred|direct cause of the following exception):\s*$")
 EXPECTED_WAIT_SECONDS = 20
 """How long a test's declared traceback may take to reach the log after the test."""
 WATCHED: list[Path] = []
@@ -39,8 +41,14 @@ def expected(item: pytest.Item) -> tuple[tuple[str, ...], bool]:
 
 
 def blocks(text: str) -> list[str]:
-    """Each traceback in ``text``, from its first line to the next traceback."""
-    return [START + part for part in text.split(START)[1:]]
+    """Each traceback in ``text`` (a chain of them counts as one), up to the next one."""
+    found: list[str] = []
+    for part in text.split(START)[1:]:
+        if found and CHAINED.search(found[-1]):
+            found[-1] += START + part
+        else:
+            found.append(START + part)
+    return found
 
 
 def unexpected(text: str, patterns: Iterable[str]) -> list[str]:

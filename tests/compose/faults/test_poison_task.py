@@ -36,6 +36,7 @@ POISON_BEHIND = 20
 
 
 @pytest.mark.scenario("5 poison task (kills its process)")
+@pytest.mark.worker_traceback("WorkerLostError")
 def test_poison_task_is_given_up_and_blocks_nothing(faults: Stack, report_row: Row) -> None:
     ensure_cpu_workers(faults)
     app = create_app(faults.client_settings)
