@@ -131,9 +131,13 @@ class Receiver:
             if batch is None:
                 return  # a redelivered batch that already settled, or dropped work
             try:
-                first, outcomes, *ending = self.dispatcher.signer.loads(body[names.ID_SIZE :])
+                first, outcomes, *ending = self.dispatcher.signer.loads_reply(
+                    body[names.ID_SIZE :], kind=kind, batch_id=batch.id
+                )
             except SignatureError as exc:
-                self.settle_failure(batch, exc)
+                # Not from this batch's workers (forged, or spliced from another batch): its
+                # own replies are still on their way, and settle it.
+                logger.warning("dropped a reply to batch %s: %s", batch.id, exc)
             except BaseException as exc:
                 self.settle_failure(
                     batch,
