@@ -37,7 +37,7 @@ from typing import Any, Final, NamedTuple
 import cloudpickle
 
 from taskstack import names
-from taskstack.errors import SignatureError
+from taskstack.errors import SignatureError, UnboundPayload
 
 TAG_SIZE = hashlib.sha256().digest_size
 _PROTOCOL = 5
@@ -196,10 +196,11 @@ def _expect(signed: memoryview, magic: bytes, size: int) -> None:
     found = bytes(signed[: len(magic)])
     if found == magic and len(signed) >= size:
         return
-    what = "batch" if magic == BATCH_MAGIC else "reply"
-    other = {BATCH_MAGIC: "a batch", REPLY_MAGIC: "a reply"}.get(
-        found, "an older release's payload"
-    )
-    raise SignatureError(
-        f"mismatch: signed as {other}, not as a {what} bound to its place ({magic.decode()})"
+    what, other = ("batch", "reply") if magic == BATCH_MAGIC else ("reply", "batch")
+    if found in (BATCH_MAGIC, REPLY_MAGIC):
+        raise SignatureError(f"mismatch: signed as a {other}, not as a {what}")
+    upgrade = "client to the workers'" if what == "batch" else "workers to the client's"
+    raise UnboundPayload(
+        f"mismatch: this {what} was signed by an older release, which binds it to nothing "
+        f"(this one expects {magic.decode()}): upgrade the {upgrade} release"
     )

@@ -23,7 +23,7 @@ from celery import Celery
 
 from taskstack import ClusterExecutor, names
 from taskstack.claims import claim_key
-from taskstack.errors import SignatureError
+from taskstack.errors import SignatureError, UnboundPayload
 from taskstack.settings import Settings
 from taskstack.signing import BatchSeal, Signer
 from tests.integration import work
@@ -152,3 +152,21 @@ def test_a_reply_spliced_into_another_batch_settles_nothing_and_the_real_one_doe
     assert dropped in caplog.text
     redis_client.rpush(gate, "go")
     assert future.result(timeout=RESULT_TIMEOUT) == "released"
+
+
+def test_a_reply_from_a_worker_of_an_older_release_fails_its_batch_naming_the_upgrade(
+    redis_server: Settings,
+    executor: ClusterExecutor,
+    cpu_worker: Worker,
+    redis_client: redis.Redis,
+) -> None:
+    gate = f"test:gate:{secrets.token_hex(4)}"
+    future = executor.submit(work.hold, redis_server.redis_url, gate)
+    wait_for(future.running, 30, "the batch to run")
+    # What a worker of the previous release answers: signed, bound to nothing.
+    unbound = Signer(redis_server.secret).dumps((0, [(True, "from an old worker")], 0.0, 1))
+    reply = names.DONE + future._batch.id.encode() + unbound
+    redis_client.rpush(executor._dispatcher.reply_key, reply)
+    with pytest.raises(UnboundPayload, match="upgrade the workers to the client's release"):
+        future.result(timeout=RESULT_TIMEOUT)  # not left waiting for a reply that never comes
+    redis_client.rpush(gate, "go")

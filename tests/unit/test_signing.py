@@ -12,7 +12,7 @@ import cloudpickle
 import pytest
 
 from taskstack import names
-from taskstack.errors import SignatureError
+from taskstack.errors import SignatureError, UnboundPayload
 from taskstack.signing import TAG_SIZE, BatchSeal, ReplySeal, Signer
 from tests.support import Tripwire
 
@@ -102,10 +102,10 @@ def test_a_batch_delivered_elsewhere_or_late_is_refused_before_unpickling(
     ("forge", "refusal"),
     [
         (lambda blob: blob.replace(BATCH_A.encode(), BATCH_B.encode()), "does not match"),
-        (lambda blob: Signer(SECRET).dumps([0]), "signed as an older release's payload"),
+        (lambda blob: Signer(SECRET).dumps([0]), "upgrade the client to the workers' release"),
         (
             lambda blob: Signer(SECRET).bind(ReplySeal(names.DONE, BATCH_A, 0, 1)).dumps([0]),
-            "signed as a reply, not as a batch",
+            "mismatch: signed as a reply, not as a batch",
         ),
     ],
     ids=["id rewritten in the header", "unbound (version 1)", "a reply"],
@@ -166,7 +166,7 @@ def test_a_reply_whose_outcomes_are_not_the_calls_its_header_names_is_refused() 
     blob = Signer(SECRET).bind(ReplySeal(names.PROGRESS, BATCH_A, 5, 1)).dumps((0, [(True, 1)]))
     with pytest.raises(SignatureError, match=re.escape("signed for calls 5 (+1), carries calls 0")):
         Signer(SECRET).loads_reply(blob, kind=names.PROGRESS, batch_id=BATCH_A)
-    with pytest.raises(SignatureError, match="signed as an older release's payload"):
+    with pytest.raises(UnboundPayload, match="upgrade the workers to the client's release"):
         Signer(SECRET).loads_reply(
             Signer(SECRET).dumps((0, [(True, 1)])), kind=names.PROGRESS, batch_id=BATCH_A
         )
