@@ -11,6 +11,10 @@ class SignatureError(ValueError):
     """A payload was unsigned, truncated, or signed with another secret: it was not unpickled."""
 
 
+class UnboundPayload(SignatureError):
+    """A payload was signed by a release that did not bind it to its batch: upgrade that side."""
+
+
 class PayloadTooLarge(ValueError):
     """A batch is larger than ``MAX_PAYLOAD_BYTES``."""
 

@@ -74,6 +74,8 @@ class Settings:
     worker writes there itself. Empty: the system's temp dir."""
     redis_retry_seconds: float = 30.0
     """How long a client retries a Redis that went away before its calls fail."""
+    batch_expires: float = 86400.0
+    """Seconds after it is sent until workers refuse a batch, and any copy of it, unopened."""
     secret: str = DEFAULT_SECRET
     """Shared secret that signs every pickled payload (HMAC-SHA256)."""
     flower_user: str = "admin"
@@ -101,10 +103,12 @@ class Settings:
                 "(the stack's Redis always requires one)"
             )
         for field, (name, parse) in ENV_VARS.items():  # every count, size, duration and port
-            if parse in (int, float) and field != "metrics_port":  # 0 turns the metrics off
-                _positive(name, getattr(self, field))
-            if field.endswith("_port") and not 0 <= (port := getattr(self, field)) < 65536:
-                raise SettingsError(f"{name} must be a port number, got {port}")
+            value = getattr(self, field)
+            numeric = parse in (int, float) and field != "metrics_port"  # 0 turns metrics off
+            if numeric and value is not None and value <= 0:
+                raise SettingsError(f"{name} must be positive, got {value}")
+            if field.endswith("_port") and not 0 <= value < 65536:
+                raise SettingsError(f"{name} must be a port number, got {value}")
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -251,11 +255,6 @@ def _modules(raw: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise SettingsError(f"{name} must be positive, got {value}")
-
-
 def _parse(name: str, raw: str, parse: Callable[[str], object]) -> object:
     try:
         return parse(raw)
@@ -286,6 +285,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "shared_expires": ("SHARED_EXPIRES", int),
     "shared_dir": ("SHARED_DIR", str),
     "redis_retry_seconds": ("REDIS_RETRY_SECONDS", float),
+    "batch_expires": ("BATCH_EXPIRES", float),
     "secret": ("TASKSTACK_SECRET", str),
     "flower_user": ("FLOWER_USER", str),
     "flower_password": ("FLOWER_PASSWORD", str),

@@ -65,6 +65,7 @@ class Dispatcher:
         self.queue = queue_name
         self.signer = Signer(secret)
         self.max_payload_bytes = max_payload_bytes
+        self.batch_expires = (shared or Settings()).batch_expires
         self.retry_seconds = retry_seconds
         self.max_workers = max_workers
         self.setup = setup

@@ -14,7 +14,7 @@ import redis
 from taskstack import names
 from taskstack.client.batching import InFlight
 from taskstack.client.futures import batch_failure, mark_running, settle
-from taskstack.errors import RemoteError, SignatureError
+from taskstack.errors import RemoteError, SignatureError, UnboundPayload
 
 if TYPE_CHECKING:
     from taskstack.client.dispatch import Dispatcher
@@ -131,9 +131,15 @@ class Receiver:
             if batch is None:
                 return  # a redelivered batch that already settled, or dropped work
             try:
-                first, outcomes, *ending = self.dispatcher.signer.loads(body[names.ID_SIZE :])
-            except SignatureError as exc:
+                first, outcomes, *ending = self.dispatcher.signer.loads_reply(
+                    body[names.ID_SIZE :], kind=kind, batch_id=batch.id
+                )
+            except UnboundPayload as exc:  # a worker of an older release: no better reply comes
                 self.settle_failure(batch, exc)
+            except SignatureError as exc:
+                # Not from this batch's workers (forged, or spliced from another batch): its
+                # own replies are still on their way, and settle it.
+                logger.warning("dropped a reply to batch %s: %s", batch.id, exc)
             except BaseException as exc:
                 self.settle_failure(
                     batch,

@@ -15,6 +15,7 @@ from taskstack.client.futures import ClusterFuture
 from taskstack.client.packing import pack
 from taskstack.client.results import MapJob
 from taskstack.client.sharing import Memo
+from taskstack.signing import BatchSeal
 
 if TYPE_CHECKING:
     from taskstack.client.dispatch import Dispatcher
@@ -98,9 +99,11 @@ class Sender:
 
     def send(self, producer: Any, batch: InFlight, calls: names.Batch) -> None:
         d = self.dispatcher
+        # Bound to this batch: a copy under another id, or after the deadline, is refused.
+        seal = BatchSeal(batch.id, d.reply_key, time.time() + d.batch_expires)
         try:
             blob, batch.unpicklable = pack(
-                d.signer,
+                d.signer.bind(seal),
                 calls,
                 d.setup,
                 max_bytes=d.max_payload_bytes,

@@ -25,7 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from taskstack import names
 from taskstack.errors import RemoteError
-from taskstack.signing import Signer
+from taskstack.signing import ReplySeal, Signer
 
 STOP_CHECK_SECONDS: Final = 0.5
 """How often a running batch asks whether its client stopped it."""
@@ -127,17 +127,24 @@ def run_calls(
 
 
 def pack_outcomes(
-    signer: Signer, first: int, outcomes: list[names.Outcome], *rest: object
+    signer: Signer,
+    kind: bytes,
+    batch_id: str,
+    first: int,
+    outcomes: list[names.Outcome],
+    *rest: object,
 ) -> bytes:
-    """Sign ``(first, outcomes, *rest)``; a value or exception that cannot travel becomes
-    an error saying so."""
+    """The reply ``kind`` of ``batch_id`` carrying ``(first, outcomes, *rest)``, signed and
+    bound to those calls; a value or exception that cannot travel becomes an error saying so."""
     if not all(map(itemgetter(0), outcomes)):
         outcomes = [_rebuildable(outcome) for outcome in outcomes]
+    sealed = signer.bind(ReplySeal(kind, batch_id, first, len(outcomes)))
+    prefix = kind + batch_id.encode()
     try:
-        return signer.dumps((first, outcomes, *rest))
+        return prefix + sealed.dumps((first, outcomes, *rest))
     except Exception:
         safe = [_picklable(signer, outcome) for outcome in outcomes]
-        return signer.dumps((first, safe, *rest))
+        return prefix + sealed.dumps((first, safe, *rest))
 
 
 def _rebuildable(outcome: names.Outcome) -> names.Outcome:

@@ -38,7 +38,7 @@ class Progress:
         self.client = client
         self.signer = signer
         self.keys = (reply_to, claims.claim_key(batch_id))
-        self.header = names.PROGRESS + batch_id.encode()
+        self.batch_id = batch_id
         self.first = first
         self.sent = 0
         """Outcomes (of those this delivery produced) pushed, or on their way."""
@@ -60,7 +60,9 @@ class Progress:
             segment = outcomes[self.sent :]
             seconds = time.perf_counter() - self.started
             first = self.first + self.sent
-            reply = self.header + pack_outcomes(self.signer, first, segment, seconds, len(outcomes))
+            reply = pack_outcomes(
+                self.signer, names.PROGRESS, self.batch_id, first, segment, seconds, len(outcomes)
+            )
             done = self.first + len(outcomes)
             if self.connection is None:
                 self.connection = self.client.connection_pool.get_connection()

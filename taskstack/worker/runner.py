@@ -75,19 +75,22 @@ def _run_batch(
         if not all(key.startswith(names.STOP_KEY_PREFIX) for key in stop_keys):
             raise ValueError(f"stop_keys must be {names.STOP_KEY_PREFIX}* keys, got {stop_keys!r}")
         blob = base64.b64decode(payload, validate=True)
+        body = signer.open_batch(blob, batch_id=batch_id, reply_to=reply_to, now=time.time())
         cache = host_cache(
             task.app.conf[names.SHARED_DIR_SETTING], task.app.conf[names.SHARED_EXPIRES_SETTING]
         )
-        request: names.Request = cache.loads(signer, blob, client)
+        request: names.Request = cache.unpickle(body, client)
         calls, setup = request
-    except (SignatureError, ValueError, binascii.Error) as exc:
+    except SignatureError as exc:
+        _refuse(task, client, reply_to, exc)
+    except (ValueError, binascii.Error) as exc:
         _reply_failed(client, reply_to, batch_id, exc)
         raise
     except Exception as exc:  # verified, but it would not unpickle here (e.g. missing module)
         error = _load_error(exc)
         unloadable = [(False, (error, traceback.format_exc()))]
-        ending = signer.dumps((names.WHOLE_BATCH, unloadable, 0.0, 0))
-        _reply(client, reply_to, names.DONE + batch_id.encode() + ending)
+        ending = pack_outcomes(signer, names.DONE, batch_id, names.WHOLE_BATCH, unloadable, 0.0, 0)
+        _reply(client, reply_to, ending)
         raise error from exc
     # Marks the futures running, in the same step as the claim.
     notice = (reply_to, names.STARTED + batch_id.encode()) if notify_start else None
@@ -118,9 +121,23 @@ def _run_batch(
     seconds = time.perf_counter() - started
     metrics.record_batch(task, calls[done:], outcomes, seconds)
     last = progress.sent
-    ending = pack_outcomes(signer, done + last, outcomes[last:], seconds, len(outcomes))
-    claims.record(client, batch_id, reply_to, names.DONE + batch_id.encode() + ending, len(calls))
+    first, rest = done + last, outcomes[last:]
+    ending = pack_outcomes(signer, names.DONE, batch_id, first, rest, seconds, len(outcomes))
+    claims.record(client, batch_id, reply_to, ending, len(calls))
     return len(outcomes)
+
+
+def _refuse(task: Task, client: redis.Redis, reply_to: str, exc: SignatureError) -> NoReturn:
+    """Refuse a batch whose signature does not hold (forged, replayed, expired), unopened.
+
+    Expected bad input, not a bug: one ERROR line without a traceback, the message
+    acknowledged (``Ignore``), the client told, and monitors shown a failure.
+    """
+    batch_id = task.request.id
+    logger.error("batch %s refused, not run: %s", batch_id, exc)
+    _reply_failed(client, reply_to, batch_id, exc)
+    task.send_event("task-failed", exception=f"SignatureError({str(exc)!r})", traceback="")
+    raise Ignore()
 
 
 def _revoked(task: Task, calls: names.Batch) -> NoReturn:

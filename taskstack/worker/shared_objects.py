@@ -66,9 +66,10 @@ class HostCache:
 
     def loads(self, signer: Signer, blob: bytes, client: redis.Redis) -> Any:
         """Verify a signed batch, gather the shared data it names, then unpickle it."""
-        return self._unpickle(signer.verify(blob), client)
+        return self.unpickle(signer.verify(blob), client)
 
-    def _unpickle(self, data: memoryview, client: redis.Redis) -> Any:
+    def unpickle(self, data: memoryview, client: redis.Redis) -> Any:
+        """Gather the shared data a verified batch ``data`` names, then unpickle it."""
         owner, refs, pickled = unframe(data)
         buffers = [self.buffer(client, owner, digest, size) for digest, size in refs]
         token = RESOLVING.set(lambda o, d, s: self._resolve(client, o, d, s))
@@ -81,7 +82,7 @@ class HostCache:
         if digest in self._objects:
             self._objects.move_to_end(digest)
             return self._objects[digest]
-        obj = self._unpickle(self.buffer(client, owner, digest, size), client)
+        obj = self.unpickle(self.buffer(client, owner, digest, size), client)
         self._objects[digest] = obj
         while len(self._objects) > KEEP_PER_PROCESS:
             self._objects.popitem(last=False)

@@ -164,7 +164,6 @@ def test_bad_chunksize_is_refused(executor: ClusterExecutor) -> None:
         ClusterExecutor(settings=Settings(), queue="gpu")
 
 
-@pytest.mark.worker_traceback("SignatureError")
 def test_executor_with_the_wrong_secret_gets_a_clear_error(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:

@@ -39,6 +39,14 @@ def hold(redis_url: str, gate: str, timeout: float = 30) -> str:
     return "released"
 
 
+def count_and_hold(redis_url: str, key: str, gate: str, timeout: float = 30) -> int:
+    """Count this run in ``key``, then block until ``gate`` is pushed to: how many runs."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=timeout + 5)
+    runs = int(client.incr(key))
+    client.blpop([gate], timeout=timeout)
+    return runs
+
+
 def mark(redis_url: str, key: str) -> str:
     redis.Redis.from_url(redis_url).set(key, "ran")
     return "marked"

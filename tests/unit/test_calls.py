@@ -23,9 +23,13 @@ def test_run_calls_captures_values_and_exceptions_with_tracebacks() -> None:
 
 
 def test_unpicklable_results_become_clear_errors() -> None:
-    signer = Signer("k")
-    first, outcomes, seconds = signer.loads(
-        pack_outcomes(signer, 7, [(True, 1), (True, (x for x in range(3)))], 0.5)
+    signer, batch_id = Signer("k"), "b" * names.ID_SIZE
+    reply = pack_outcomes(
+        signer, names.DONE, batch_id, 7, [(True, 1), (True, (x for x in range(3)))], 0.5
+    )
+    assert reply[: 1 + names.ID_SIZE] == names.DONE + batch_id.encode()
+    first, outcomes, seconds = signer.loads_reply(
+        reply[1 + names.ID_SIZE :], kind=names.DONE, batch_id=batch_id
     )
     assert (first, seconds) == (7, 0.5)
     assert outcomes[0] == (True, 1)
