@@ -11,7 +11,7 @@ import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from taskstack.errors import SettingsError
@@ -20,8 +20,6 @@ DEFAULT_REDIS_PASSWORD = "taskstack-local"
 DEFAULT_FLOWER_PASSWORD = "taskstack-local"
 DEFAULT_SECRET = "taskstack-local-secret"
 """Safe only while every port is bound to loopback: see :meth:`Settings.check_exposure`."""
-
-T = TypeVar("T")
 
 MIN_LEASE_SECONDS = 2.0
 """A shorter lease would be renewed more often than a busy machine can promise."""
@@ -61,7 +59,8 @@ class Settings:
     """A prefork child is replaced once its resident memory exceeds this many KiB (the shared
     data it maps counts: keep this above the largest shared array)."""
     max_payload_bytes: int = 16 * 1024 * 1024
-    """Largest signed batch (functions, arguments) a client sends or a worker accepts."""
+    """Largest signed batch (functions, arguments) a client sends or a worker accepts, and
+    largest plain task's arguments or result, as JSON, a client sends or a worker stores."""
     shared_min_bytes: int = 1024 * 1024
     """A pickle protocol 5 buffer (NumPy array data) this large leaves the batch: it is stored
     once in Redis and mapped once per worker host."""
