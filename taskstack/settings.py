@@ -43,9 +43,9 @@ class Settings:
     io_concurrency: int = 16
     """Threads of an ``io`` worker."""
     soft_time_limit: float = 300.0
-    """Seconds before a task gets ``SoftTimeLimitExceeded`` and may clean up."""
+    """Seconds before a task gets ``SoftTimeLimitExceeded`` and may clean up (prefork pool only)."""
     time_limit: float = 330.0
-    """Seconds before the process running a task is killed."""
+    """Seconds before a task fails with ``TimeLimitExceeded`` (a thread runs on: reliability.md)."""
     lease_seconds: float = 10.0
     """Seconds a task message stays claimed by its worker without a renewal; a live
     worker renews every quarter of it, so only a lost worker's work returns to the queue."""

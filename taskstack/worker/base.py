@@ -8,6 +8,8 @@ from it. Clients keep Celery's own: none of this runs there.
 - A ``MemoryError`` the body raises fails that task alone, as Python's own
   ``MemoryError`` (:mod:`taskstack.worker.memory`, whose request class this
   names).
+- On the io queue's threads pool, what a body returns or raises after its
+  time limit failed it is discarded (:mod:`taskstack.worker.timelimits`).
 - A result larger than ``MAX_PAYLOAD_BYTES`` fails the task with
   ``PayloadTooLarge`` instead of being stored. The result is serialized once
   to be measured (Celery serializes it again to store it): microseconds for
@@ -24,7 +26,7 @@ from kombu.serialization import dumps
 
 from taskstack import names
 from taskstack.errors import PayloadTooLarge
-from taskstack.worker import memory
+from taskstack.worker import memory, timelimits
 
 
 class Task(celery.Task):  # type: ignore[misc]
@@ -33,13 +35,14 @@ class Task(celery.Task):  # type: ignore[misc]
     Request = f"{memory.__name__}:Request"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            value = super().__call__(*args, **kwargs)
-        except MemoryError as exc:
-            if type(exc) is MemoryError:
-                raise
-            # e.g. NumPy's _ArrayMemoryError(shape, dtype), which no client rebuilds
-            raise MemoryError(str(exc)) from exc
+        with timelimits.in_time(f"{self.name}[{self.request.id}]"):
+            try:
+                value = super().__call__(*args, **kwargs)
+            except MemoryError as exc:
+                if type(exc) is MemoryError:
+                    raise
+                # e.g. NumPy's _ArrayMemoryError(shape, dtype), which no client rebuilds
+                raise MemoryError(str(exc)) from exc
         if not (self.request.ignore_result or self.ignore_result):
             _check_result(self, value)
         return value

@@ -1,8 +1,11 @@
-"""Tasks the limits tests run: workers import this module through TASK_MODULES."""
+"""Tasks and calls the limits tests run: workers import this module through TASK_MODULES."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+import redis
 
 from taskstack import shared_task
 
@@ -17,3 +20,15 @@ def allocate(n: int) -> int:
 def text(size: int) -> str:
     """A result of ``size`` characters from a few bytes of arguments."""
     return "x" * size
+
+
+def sleep_then_mark(redis_url: str, key: str, seconds: float) -> float:
+    """Sleep, then push "ended" to ``key``: a test waits on it to know the call returned."""
+    time.sleep(seconds)
+    client = redis.Redis.from_url(redis_url)
+    client.rpush(key, "ended")
+    client.close()
+    return seconds
+
+
+sleep_then_mark_task = shared_task(name="tests.sleep_then_mark")(sleep_then_mark)

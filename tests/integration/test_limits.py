@@ -1,12 +1,15 @@
 """What one task may take: its memory, its inputs, its arguments and result, its time.
 
 The workers of this module use a Redis database of their own (3): a cpu worker
-that allows ``PAYLOAD`` bytes of arguments or result.
+that allows ``PAYLOAD`` bytes of arguments or result, and an io worker (threads)
+with time limits of ``SOFT`` and ``LIMIT`` seconds.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -16,17 +19,20 @@ import numpy as np
 import pytest
 import redis
 from celery import Celery
+from celery.exceptions import TimeLimitExceeded
 
 from taskstack import ClusterExecutor, PayloadTooLarge, names
 from taskstack.app import create_app
 from taskstack.settings import Settings
 from tests.integration import limit_tasks
-from tests.support import Worker
+from tests.support import Worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 RESULT_TIMEOUT = 60
 PAYLOAD = 100_000
+SOFT, LIMIT = 1.0, 2.0
+IO_THREADS = 2
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,9 @@ def limited(redis_server: Settings) -> Iterator[Settings]:
         redis_url=url,
         task_modules=("tasks", limit_tasks.__name__),
         max_payload_bytes=PAYLOAD,
+        soft_time_limit=SOFT,
+        time_limit=LIMIT,
+        io_concurrency=IO_THREADS,
     )
     client = redis.Redis.from_url(url)
     client.flushdb()
@@ -47,7 +56,13 @@ def limited(redis_server: Settings) -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def cpu(limited: Settings, start_worker: Callable[..., Worker]) -> Worker:
-    return start_worker(names.CPU_QUEUE, limited)
+    # Its own time limits are the session's: only the io worker's are short.
+    return start_worker(names.CPU_QUEUE, replace(limited, soft_time_limit=60, time_limit=90))
+
+
+@pytest.fixture(scope="module")
+def io(limited: Settings, start_worker: Callable[..., Worker]) -> Worker:
+    return start_worker(names.IO_QUEUE, limited)
 
 
 @pytest.fixture
@@ -183,3 +198,52 @@ def test_a_result_over_max_payload_bytes_fails_instead_of_being_stored(
     # Both expire: a result is kept for RESULT_EXPIRES, then dropped.
     for stored in (key, f"celery-task-meta-{fits.id}"):
         assert 0 < db.ttl(stored) <= limited.result_expires
+
+
+# -- time limits on the threads pool ------------------------------------------------------
+
+
+def test_a_call_on_io_past_its_time_limit_fails_at_the_limit_and_its_late_result_is_dropped(
+    app: Celery, limited: Settings, io: Worker, db: redis.Redis
+) -> None:
+    pid = stats(app, io)["pid"]
+    key = f"limits:{secrets.token_hex(4)}"
+    started = time.monotonic()
+    result = app.send_task(
+        "tests.sleep_then_mark", (limited.redis_url, key, LIMIT + 2), queue=names.IO_QUEUE
+    )
+    with pytest.raises(TimeLimitExceeded):
+        result.get(timeout=RESULT_TIMEOUT)
+    failed_after = time.monotonic() - started
+    assert LIMIT <= failed_after < LIMIT + 1.5, failed_after
+    meta_key = f"celery-task-meta-{result.id}"
+    failure = db.get(meta_key)
+    assert failure is not None
+    assert json.loads(failure)["result"]["exc_type"] == "TimeLimitExceeded"
+    # The thread runs on and counts against the worker's capacity until it ends.
+    running_late = stats(app, io)
+    assert running_late["pool"]["overrunning"] == 1
+    assert running_late["prefetch_count"] == IO_THREADS - 1
+    wait_for(lambda: db.llen(key), 30, "the late call to return")
+    wait_for(lambda: stats(app, io)["pool"]["overrunning"] == 0, 30, "its thread to end")
+    assert db.get(meta_key) == failure  # nothing stored after the failure
+    assert stats(app, io)["prefetch_count"] == IO_THREADS
+    assert app.send_task(names.WAIT, (0.1,)).get(timeout=RESULT_TIMEOUT) == 0.1
+    assert stats(app, io)["pid"] == pid
+    assert f"tests.sleep_then_mark[{result.id}] ended" in io.service.log_text()  # discarded
+
+
+def test_an_executor_batch_on_io_past_its_time_limit_fails_at_the_limit(
+    limited: Settings, io: Worker, db: redis.Redis
+) -> None:
+    key = f"limits:{secrets.token_hex(4)}"
+    with ClusterExecutor(settings=limited, queue=names.IO_QUEUE) as executor:
+        started = time.monotonic()
+        late = executor.submit(limit_tasks.sleep_then_mark, limited.redis_url, key, LIMIT + 2)
+        with pytest.raises(TimeLimitExceeded, match="TASK_TIME_LIMIT"):
+            late.result(timeout=RESULT_TIMEOUT)
+        assert LIMIT <= time.monotonic() - started < LIMIT + 1.5
+        wait_for(lambda: db.llen(key), 30, "the late call to return")
+        with pytest.raises(TimeLimitExceeded):  # its late outcome changed nothing
+            late.result(timeout=0)
+        assert executor.submit(abs, -4).result(timeout=RESULT_TIMEOUT) == 4
