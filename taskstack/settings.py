@@ -71,6 +71,8 @@ class Settings:
     shared_dir: str = ""
     """Directory where a worker host keeps shared data; a client that shares it with a live
     worker writes there itself. Empty: the system's temp dir."""
+    redis_maxmemory: int = 4 * 1024**3
+    """Bytes Redis may hold (``maxmemory``); full, it refuses writes and evicts nothing."""
     redis_retry_seconds: float = 30.0
     """How long a client retries a Redis that went away before its calls fail."""
     secret: str = DEFAULT_SECRET
@@ -100,10 +102,12 @@ class Settings:
                 "(the stack's Redis always requires one)"
             )
         for field, (name, parse) in ENV_VARS.items():  # every count, size, duration and port
-            if parse in (int, float) and field != "metrics_port":  # 0 turns the metrics off
-                _positive(name, getattr(self, field))
-            if field.endswith("_port") and not 0 <= (port := getattr(self, field)) < 65536:
-                raise SettingsError(f"{name} must be a port number, got {port}")
+            value = getattr(self, field)
+            positive = parse not in (int, float) or value is None or value > 0
+            if not positive and field != "metrics_port":  # 0 turns the metrics off
+                raise SettingsError(f"{name} must be positive, got {value}")
+            if field.endswith("_port") and not 0 <= value < 65536:
+                raise SettingsError(f"{name} must be a port number, got {value}")
         if self.soft_time_limit >= self.time_limit:
             raise SettingsError(
                 f"TASK_SOFT_TIME_LIMIT ({self.soft_time_limit}) must be below "
@@ -250,11 +254,6 @@ def _modules(raw: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise SettingsError(f"{name} must be positive, got {value}")
-
-
 def _parse(name: str, raw: str, parse: Callable[[str], object]) -> object:
     try:
         return parse(raw)
@@ -284,6 +283,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "shared_max_bytes": ("SHARED_MAX_BYTES", int),
     "shared_expires": ("SHARED_EXPIRES", int),
     "shared_dir": ("SHARED_DIR", str),
+    "redis_maxmemory": ("REDIS_MAXMEMORY", int),
     "redis_retry_seconds": ("REDIS_RETRY_SECONDS", float),
     "secret": ("TASKSTACK_SECRET", str),
     "flower_user": ("FLOWER_USER", str),
