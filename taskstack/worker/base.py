@@ -35,6 +35,8 @@ class Task(celery.Task):  # type: ignore[misc]
     Request = f"{memory.__name__}:Request"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:  # a plain call, e.g. from another task's body
+            return super().__call__(*args, **kwargs)
         with timelimits.in_time(f"{self.name}[{self.request.id}]"):
             try:
                 value = super().__call__(*args, **kwargs)

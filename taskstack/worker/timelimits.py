@@ -102,8 +102,9 @@ class TaskPool(thread.TaskPool):  # type: ignore[misc]
         self.overrunning = 0
         """Threads still running a task that its time limit already failed."""
         self.qos: Any = None
-        """The consumer's prefetch, set by :class:`QoSLink`."""
+        """The consumer's prefetch, set by :meth:`link`."""
         self.prefetch_multiplier = 1
+        self._held = 0
         self._deadlines: list[tuple[float, int, Watch]] = []
         self._finished = 0
         self._order = itertools.count()
@@ -190,12 +191,28 @@ class TaskPool(thread.TaskPool):  # type: ignore[misc]
                 except Exception:
                     logger.exception("failing a task at its time limit")
 
+    def link(self, qos: Any, prefetch_multiplier: int) -> None:
+        """Hold back a message of ``qos`` (the consumer's, new after each reconnection) per
+        thread past its time limit."""
+        with self._wake:
+            self.qos, self.prefetch_multiplier, self._held = qos, prefetch_multiplier, 0
+            for _ in range(self.overrunning):
+                self._hold(+1)
+
     def _overrun(self, change: int) -> None:
         with self._wake:
             self.overrunning += change
-        if self.qos is not None:
-            adjust = self.qos.decrement_eventually if change > 0 else self.qos.increment_eventually
-            adjust(self.prefetch_multiplier)
+            if self.qos is not None:
+                self._hold(change)
+
+    def _hold(self, change: int) -> None:
+        # kombu's QoS never goes below 1: count only what was held back, to give back.
+        if change > 0 and self.qos.value > self.prefetch_multiplier:
+            self.qos.decrement_eventually(self.prefetch_multiplier)
+            self._held += 1
+        elif change < 0 and self._held:
+            self.qos.increment_eventually(self.prefetch_multiplier)
+            self._held -= 1
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
@@ -209,9 +226,5 @@ class QoSLink(bootsteps.StartStopStep):  # type: ignore[misc]
     requires: ClassVar = {"celery.worker.consumer.tasks:Tasks"}
 
     def start(self, consumer: Any) -> None:
-        pool = consumer.pool
-        if isinstance(pool, TaskPool):
-            pool.prefetch_multiplier = consumer.prefetch_multiplier
-            pool.qos = consumer.qos  # a new QoS after each reconnection
-            for _ in range(pool.overrunning):
-                consumer.qos.decrement_eventually(consumer.prefetch_multiplier)
+        if isinstance(consumer.pool, TaskPool):
+            consumer.pool.link(consumer.qos, consumer.prefetch_multiplier)

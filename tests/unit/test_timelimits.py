@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from celery.exceptions import Ignore
+from kombu.common import QoS
 
 from taskstack.worker import timelimits
 from tests.support import wait_for
@@ -85,3 +86,21 @@ def test_deadlines_of_finished_tasks_are_not_kept_for_a_whole_limit(
         )
     wait_for(lambda: len(results) == 300, 10, "every task")
     assert len(pool._deadlines) < 150
+
+
+def test_threads_past_their_limit_hold_back_the_prefetch_until_they_end(
+    pool: timelimits.TaskPool,
+) -> None:
+    applied: list[int] = []
+    qos = QoS(lambda prefetch_count: applied.append(prefetch_count), 2)  # two threads
+    pool.link(qos, 1)
+    timeouts: list[float] = []
+    for _ in range(2):
+        pool.apply_async(
+            late_aware, args=(0.6,), timeout=0.1, timeout_callback=lambda s, t: timeouts.append(t)
+        )
+    wait_for(lambda: len(timeouts) == 2, 5, "both time limits")
+    assert pool.overrunning == 2
+    assert qos.value == 1  # one message still: kombu's prefetch never goes below 1
+    wait_for(lambda: pool.overrunning == 0, 5, "both threads to end")
+    assert qos.value == 2  # as before, not one more
