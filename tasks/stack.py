@@ -61,8 +61,13 @@ def fetch_url(url: str, timeout: float = 10.0) -> dict[str, Any]:
     return dataclasses.asdict(iowork.fetch_url(url, timeout))
 
 
-@shared_task(name=names.WAIT)
-def wait(seconds: float) -> float:
+@shared_task(name=names.WAIT, bind=True)
+def wait(self: Task, seconds: float) -> float:
+    # A wait the time limit would cut short is refused at once, not after minutes.
+    hard, _ = self.request.timelimit or (None, None)
+    limit = hard or self.app.conf.task_time_limit
+    if limit and seconds > limit:
+        raise ValueError(f"seconds must be at most the time limit, {limit:g}, got {seconds}")
     return iowork.wait(seconds)
 
 

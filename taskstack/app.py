@@ -9,18 +9,54 @@ Celery's ``imports`` setting, so a client never loads worker code.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from celery import Celery
+from celery.result import AsyncResult
 from kombu import Queue
+from kombu.serialization import dumps
 
 from taskstack import names as c
 from taskstack.connections import REDIS_CONNECTION
+from taskstack.errors import PayloadTooLarge
 from taskstack.settings import Settings
+
+
+class App(Celery):  # type: ignore[misc]
+    """Celery, refusing to send a plain task whose arguments exceed ``MAX_PAYLOAD_BYTES``.
+
+    ``send_task`` is where every task message of a client starts (``delay`` and
+    ``apply_async`` call it too), so the check runs here, on the arguments
+    serialized as the message will carry them, and raises before anything is
+    sent. A ``before_task_publish`` receiver would see the same arguments, but
+    it is one signal for every app of the process and is not told which app (so
+    which limit) a message is for; a kombu serializer of our own would size the
+    encoded body itself, without encoding twice, but it would replace kombu's
+    ``json`` process-wide for one limit. Encoding twice costs a few
+    microseconds for the usual message, tens of milliseconds at 16 MiB.
+    Executor batches are sized by the executor before their base64 (and again
+    by the worker), so they are not counted twice.
+    """
+
+    def send_task(
+        self, name: str, args: Any = None, kwargs: Any = None, **options: Any
+    ) -> AsyncResult:
+        if name != c.RUN_BATCH:
+            limit = self.conf[c.MAX_PAYLOAD_SETTING]
+            serializer = options.get("serializer") or self.conf.task_serializer
+            _, _, body = dumps([args or (), kwargs or {}], serializer=serializer)
+            if len(body) > limit:
+                raise PayloadTooLarge(
+                    f"the arguments of {name} serialize to {len(body):,} bytes, over "
+                    f"MAX_PAYLOAD_BYTES={limit:,}: pass a key or URL where the data is, or "
+                    "use ClusterExecutor, which sends big arrays once"
+                )
+        return super().send_task(name, args, kwargs, **options)
 
 
 def create_app(settings: Settings) -> Celery:
     """Build the stack's Celery app from ``settings``."""
-    app = Celery("taskstack", broker=settings.redis_url, backend=settings.redis_url)
+    app = App("taskstack", broker=settings.redis_url, backend=settings.redis_url)
     # Redis has no real acks: kombu keeps each delivered, unacknowledged message in
     # its `unacked` hash, scored in `unacked_index` by when it was claimed, and puts
     # back in its queue whatever was claimed longer ago than the visibility timeout.

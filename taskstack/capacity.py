@@ -78,7 +78,9 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
             host = None
         host = host or "-"  # a directory of its own: clients upload for it
         while True:
-            value = f"{worker.concurrency} {time.time() + TTL_SECONDS} {VERSIONS} {host}"
+            # Threads still running past their time limit are not there to take work.
+            processes = worker.concurrency - getattr(worker.pool, "overrunning", 0)
+            value = f"{processes} {time.time() + TTL_SECONDS} {VERSIONS} {host}"
             try:
                 for queue in queues:
                     client.hset(names.CAPACITY_KEY_PREFIX + queue, worker.hostname, value)

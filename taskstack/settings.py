@@ -11,17 +11,16 @@ import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any
+from urllib.parse import quote, urlsplit
 
+from taskstack import variables
 from taskstack.errors import SettingsError
 
 DEFAULT_REDIS_PASSWORD = "taskstack-local"
 DEFAULT_FLOWER_PASSWORD = "taskstack-local"
 DEFAULT_SECRET = "taskstack-local-secret"
 """Safe only while every port is bound to loopback: see :meth:`Settings.check_exposure`."""
-
-T = TypeVar("T")
 
 MIN_LEASE_SECONDS = 2.0
 """A shorter lease would be renewed more often than a busy machine can promise."""
@@ -45,9 +44,9 @@ class Settings:
     io_concurrency: int = 16
     """Threads of an ``io`` worker."""
     soft_time_limit: float = 300.0
-    """Seconds before a task gets ``SoftTimeLimitExceeded`` and may clean up."""
+    """Seconds before a task gets ``SoftTimeLimitExceeded`` and may clean up (prefork pool only)."""
     time_limit: float = 330.0
-    """Seconds before the process running a task is killed."""
+    """Seconds before a task fails with ``TimeLimitExceeded`` (a thread runs on: reliability.md)."""
     lease_seconds: float = 10.0
     """Seconds a task message stays claimed by its worker without a renewal; a live
     worker renews every quarter of it, so only a lost worker's work returns to the queue."""
@@ -61,7 +60,8 @@ class Settings:
     """A prefork child is replaced once its resident memory exceeds this many KiB (the shared
     data it maps counts: keep this above the largest shared array)."""
     max_payload_bytes: int = 16 * 1024 * 1024
-    """Largest signed batch (functions, arguments) a client sends or a worker accepts."""
+    """Largest signed batch (functions, arguments) a client sends or a worker accepts, and
+    largest plain task's arguments or result, as JSON, a client sends or a worker stores."""
     shared_min_bytes: int = 1024 * 1024
     """A pickle protocol 5 buffer (NumPy array data) this large leaves the batch: it is stored
     once in Redis and mapped once per worker host."""
@@ -72,6 +72,8 @@ class Settings:
     shared_dir: str = ""
     """Directory where a worker host keeps shared data; a client that shares it with a live
     worker writes there itself. Empty: the system's temp dir."""
+    redis_maxmemory: int = 4 * 1024**3
+    """Bytes Redis may hold (``maxmemory``); full, it refuses writes and evicts nothing."""
     redis_retry_seconds: float = 30.0
     """How long a client retries a Redis that went away before its calls fail."""
     batch_expires: float = 86400.0
@@ -148,23 +150,23 @@ class Settings:
         publishes: ``127.0.0.1:$REDIS_PORT`` with ``REDIS_PASSWORD``, as in ``.env``.
         """
         env = os.environ if environ is None else environ
-        for old, new in REPLACED_VARS.items():
-            if _lookup(env, old):
+        for old, new in variables.REPLACED_VARS.items():
+            if variables.lookup(env, old):
                 raise SettingsError(f"{old} is no longer read: {new}")
         values: dict[str, Any] = {}
         for field in fields(cls):
             name, parse = ENV_VARS[field.name]
-            raw = _lookup(env, name)
+            raw = variables.lookup(env, name)
             if raw:
-                values[field.name] = _parse(name, raw, parse)
-        password = _lookup(env, REDIS_PASSWORD_VAR, strip=False)
-        port = _lookup(env, REDIS_PORT_VAR)
+                values[field.name] = variables.parse(name, raw, parse)
+        password = variables.lookup(env, variables.REDIS_PASSWORD_VAR, strip=False)
+        port = variables.lookup(env, variables.REDIS_PORT_VAR)
         if "redis_url" not in values:
             values["redis_url"] = _default_redis_url(
-                _port(port) if port else 6379, password or DEFAULT_REDIS_PASSWORD
+                variables.port(port) if port else 6379, password or DEFAULT_REDIS_PASSWORD
             )
         elif password:
-            values["redis_url"] = _with_password(values["redis_url"], password)
+            values["redis_url"] = variables.with_password(values["redis_url"], password)
         return cls(**values)
 
     @classmethod
@@ -210,64 +212,6 @@ class Settings:
         return f"{self.flower_user}:{self.flower_password}"
 
 
-def _lookup(env: Mapping[str, str], name: str, *, strip: bool = True) -> str:
-    """``name``'s value, from the environment or from the file ``name_FILE`` names.
-
-    Surrounding whitespace never belongs to a value, except a password's own;
-    a file's final newlines (``echo pw > file``) never do.
-    """
-    raw = env.get(name, "")
-    path = env.get(f"{name}_FILE", "").strip()
-    if path:
-        if raw.strip():
-            raise SettingsError(f"set {name} or {name}_FILE, not both")
-        try:
-            with open(path, encoding="utf-8") as file:
-                raw = file.read().rstrip("\r\n")
-        except OSError as exc:
-            raise SettingsError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
-        if not raw.strip():
-            raise SettingsError(f"{name}_FILE={path!r} is empty")
-    return raw.strip() if strip else raw
-
-
-def _with_password(redis_url: str, password: str) -> str:
-    url = urlsplit(redis_url)
-    if url.password:
-        if unquote(url.password) != password:
-            raise SettingsError(
-                f"REDIS_URL has a password other than {REDIS_PASSWORD_VAR}'s: "
-                "give it in one place only"
-            )
-        return redis_url
-    host = url.netloc.rpartition("@")[2]
-    user = quote(url.username or "", safe="")
-    return url._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
-
-
-def _port(raw: str) -> int:
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise SettingsError(f"{REDIS_PORT_VAR} must be a port number (1-65535), got {raw!r}")
-    return int(raw)
-
-
-def _modules(raw: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in raw.split(",") if name.strip())
-
-
-def _parse(name: str, raw: str, parse: Callable[[str], object]) -> object:
-    try:
-        return parse(raw)
-    except ValueError:
-        kind = getattr(parse, "__name__", "value")
-        raise SettingsError(f"{name} must be a valid {kind}, got {raw!r}") from None
-
-
-REDIS_PASSWORD_VAR = "REDIS_PASSWORD"
-"""Completes a ``REDIS_URL`` given without a password (see :meth:`Settings.from_env`)."""
-REDIS_PORT_VAR = "REDIS_PORT"
-"""The published Redis port a client reaches when ``REDIS_URL`` is unset."""
-
 ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "redis_url": ("REDIS_URL", str),
     "cpu_concurrency": ("WORKER_CPU_CONCURRENCY", int),
@@ -284,17 +228,15 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "shared_max_bytes": ("SHARED_MAX_BYTES", int),
     "shared_expires": ("SHARED_EXPIRES", int),
     "shared_dir": ("SHARED_DIR", str),
+    "redis_maxmemory": ("REDIS_MAXMEMORY", int),
     "redis_retry_seconds": ("REDIS_RETRY_SECONDS", float),
     "batch_expires": ("BATCH_EXPIRES", float),
     "secret": ("TASKSTACK_SECRET", str),
     "flower_user": ("FLOWER_USER", str),
     "flower_password": ("FLOWER_PASSWORD", str),
     "bind_address": ("BIND_ADDRESS", str),
-    "task_modules": ("TASK_MODULES", _modules),
+    "task_modules": ("TASK_MODULES", variables.modules),
     "metrics_port": ("WORKER_METRICS_PORT", int),
     "prometheus_port": ("PROMETHEUS_PORT", int),
 }
 """Settings field -> (environment variable, parser)."""
-
-REPLACED_VARS = {"REDIS_VISIBILITY_TIMEOUT": "workers renew their claims now; set LEASE_SECONDS"}
-"""Variables of earlier releases that must not be silently ignored -> what to do instead."""

@@ -2,7 +2,8 @@
 # Starts redis-server with the password from REDIS_PASSWORD, or from the file
 # REDIS_PASSWORD_FILE names (a Docker secret in stack.yaml). The password goes
 # into an include file, never onto a command line: `ps` on the host lists the
-# container's processes with their arguments.
+# container's processes with their arguments. Its size, maxmemory, comes from
+# REDIS_MAXMEMORY.
 set -eu
 
 if [ -n "${REDIS_PASSWORD_FILE:-}" ]; then
@@ -34,6 +35,16 @@ case "${BIND_ADDRESS:-127.0.0.1}" in
     ;;
 esac
 
+# Bytes Redis may hold; taskstack/settings.py's default (Settings.redis_maxmemory)
+# when unset: 4 GiB. docs/configuration.md says how to size it.
+maxmemory=${REDIS_MAXMEMORY:-4294967296}
+case "$maxmemory" in
+  "" | *[!0-9]* | 0)
+    echo "taskstack-redis: REDIS_MAXMEMORY must be a positive number of bytes, got '$maxmemory'" >&2
+    exit 1
+    ;;
+esac
+
 auth_file=/tmp/taskstack-redis-auth.conf
 umask 077
 rm -f "$auth_file"
@@ -43,4 +54,4 @@ printf '%s' "$REDIS_PASSWORD" | sed 's/[\\"]/\\&/g; s/^/requirepass "/; s/$/"/' 
 unset REDIS_PASSWORD
 
 # exec: redis-server becomes PID 1 and gets docker stop's SIGTERM itself.
-exec redis-server /usr/local/etc/redis/redis.conf --include "$auth_file" "$@"
+exec redis-server /usr/local/etc/redis/redis.conf --include "$auth_file" --maxmemory "$maxmemory" "$@"

@@ -30,8 +30,9 @@ from taskstack.worker.shutdown import STOP_GRACE_PERIOD_SECONDS
 STATE_DIR = Path(".taskstack")
 
 
-def redis_config(password: str, port: int, data_dir: Path) -> str:
-    """A redis.conf for the stack: password, append-only file, never evict queued work."""
+def redis_config(password: str, port: int, data_dir: Path, maxmemory: int) -> str:
+    """A redis.conf for the stack: password, append-only file, at most ``maxmemory`` bytes,
+    never evict queued work (a full Redis refuses writes instead)."""
     return "\n".join(
         [
             "bind 127.0.0.1 ::1",
@@ -39,6 +40,7 @@ def redis_config(password: str, port: int, data_dir: Path) -> str:
             f'requirepass "{password}"',
             f'dir "{data_dir}"',
             "appendonly yes",
+            f"maxmemory {maxmemory}",
             "maxmemory-policy noeviction",
             "save ''",
             "",
@@ -59,7 +61,9 @@ def write_private(path: Path, text: str) -> Path:
 def write_redis_config(settings: Settings, data_dir: Path) -> Path:
     """Write the config for the Redis named by ``settings.redis_url``, readable by us only."""
     url = urlsplit(settings.redis_url)
-    config = redis_config(url.password or "", url.port or 6379, data_dir.resolve())
+    config = redis_config(
+        url.password or "", url.port or 6379, data_dir.resolve(), settings.redis_maxmemory
+    )
     return write_private(data_dir / "redis.conf", config)
 
 

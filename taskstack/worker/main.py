@@ -18,16 +18,25 @@ from collections.abc import Sequence
 from taskstack import names, worker
 from taskstack.app import create_app
 from taskstack.settings import Settings
-from taskstack.worker import metrics, shutdown
+from taskstack.worker import metrics, shutdown, timelimits
 from taskstack.worker.cpus import available_cpus
 from taskstack.worker.malformed import tolerate_malformed_messages
 
 PING_TIMEOUT_SECONDS = 5.0
 
 
+POOL_CLASSES = {"prefork": "prefork", "threads": timelimits.POOL}
+"""Each kind of pool -> what the worker runs: Celery's threads pool enforces no time limit."""
+
+
+def pool_for(queue: str) -> str:
+    """The pool of a worker consuming ``queue``, as the ``worker_pool`` setting takes it
+    (``--pool`` accepts only Celery's own names)."""
+    return POOL_CLASSES[names.POOL_FOR_QUEUE[queue]]
+
+
 def worker_argv(queue: str, settings: Settings, hostname: str = "%h") -> list[str]:
-    """Celery ``worker`` arguments for a worker consuming ``queue``."""
-    pool = names.POOL_FOR_QUEUE[queue]
+    """Celery ``worker`` arguments for a worker consuming ``queue`` (its pool: :func:`pool_for`)."""
     if queue == names.CPU_QUEUE:
         concurrency = settings.cpu_concurrency or available_cpus()
     else:
@@ -35,7 +44,6 @@ def worker_argv(queue: str, settings: Settings, hostname: str = "%h") -> list[st
     return [
         "worker",
         f"--queues={queue}",
-        f"--pool={pool}",
         f"--concurrency={concurrency}",
         f"--hostname={names.node_name(queue, hostname)}",
     ]
@@ -83,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings.redis_url,
     )
     app = create_app(settings)
+    app.conf.worker_pool = pool_for(args.queue)
     worker.install(app)
     app.worker_main(
         [*worker_argv(args.queue, settings, args.hostname), f"--loglevel={args.loglevel}", *extra]

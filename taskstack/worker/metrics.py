@@ -33,6 +33,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from taskstack import names
 from taskstack.worker import collectors
+from taskstack.worker.redis_memory import RedisMemory
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ def start(port: int, address: str, queue: str, node: str, redis_url: str) -> boo
     registry = CollectorRegistry()
     registry.register(collectors.MultiProcess(directory))
     registry.register(collectors.QueueLength(queue, redis_url))
+    registry.register(RedisMemory(redis_url))
     try:
         start_http_server(port, addr=address, registry=registry)
     except OSError as exc:

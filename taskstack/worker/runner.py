@@ -25,7 +25,7 @@ from taskstack import claims, names
 from taskstack.connections import shared
 from taskstack.errors import PayloadTooLarge, SharedDataGone, SignatureError
 from taskstack.signing import Signer
-from taskstack.worker import metrics
+from taskstack.worker import metrics, timelimits
 from taskstack.worker.calls import initialize, pack_outcomes, run_calls
 from taskstack.worker.progress import Progress
 from taskstack.worker.shared_objects import host_cache
@@ -111,8 +111,8 @@ def _run_batch(
         outcomes: list[names.Outcome] = [(False, (failed_setup, trace))] * (len(calls) - done)
     else:
 
-        def stopped() -> bool:
-            return bool(stop_keys and client.exists(*stop_keys))
+        def stopped() -> bool:  # by its client, or by its time limit on the threads pool
+            return timelimits.expired() or bool(stop_keys and client.exists(*stop_keys))
 
         try:
             outcomes = run_calls(calls, skip, stopped, done, progress)

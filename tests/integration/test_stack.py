@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.server
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +11,7 @@ from celery import Celery
 
 from tasks import compute, stack
 from taskstack import names
-from tests.support import Worker
+from tests.support import Worker, serve_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -74,12 +73,8 @@ def http_server() -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/"
-    server.shutdown()
-    server.server_close()
+    with serve_http(Handler) as url:
+        yield f"{url}/"
 
 
 def test_io_task_is_routed_to_the_io_queue_and_fetches(

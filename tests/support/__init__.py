@@ -9,6 +9,7 @@
 - what went through Redis: :func:`redis_traffic`;
 - what the session's fixtures hand out: :class:`Worker`, :class:`Flower`;
 - HTTP with basic auth (Flower): :func:`http_get`; a worker's metrics: :func:`worker_metric`;
+  a loopback HTTP server of a test's own: :func:`serve_http`;
 - proof that nothing was unpickled: :class:`Tripwire`; a function new to the workers:
   :func:`fresh_function`;
 - output that must get past pytest's capture: :func:`print_past_capture`.
@@ -19,10 +20,13 @@ What the deployment files (compose.yaml, stack.yaml) say is read by
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import secrets
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -188,6 +192,19 @@ class Worker:
 
 
 # -- HTTP -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on a free loopback port, from threads; yields ``http://host:port``."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def http_get(url: str, *, basic_auth: str | None = None, timeout: float = 10) -> tuple[int, str]:

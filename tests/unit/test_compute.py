@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -57,3 +60,39 @@ def test_matmul_trace_equals_numpy() -> None:
     assert compute.matmul_trace(8, seed=5) == pytest.approx(float(np.trace(a @ b)))
     with pytest.raises(ValueError, match="n must be a positive integer"):
         compute.matmul_trace(-1)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: compute.matmul_trace(3_001), "n must be at most 3,000, got 3,001"),
+        (
+            lambda: compute.mandelbrot_tile(0, 0, 1, 1, 1_001, 1_000),
+            "width * height must be at most 1,000,000, got 1,001,000",
+        ),
+        (
+            lambda: compute.mandelbrot_tile(0, 0, 1, 1, 2, 2, 1_001),
+            "max_iter must be at most 1,000, got 1,001",
+        ),
+        (
+            lambda: compute.monte_carlo_pi(100_000_001),
+            "samples must be at most 100,000,000, got 100,000,001",
+        ),
+        (
+            lambda: compute.count_primes(10**12, 10**12 + 10_001),
+            "(stop - start) * isqrt(stop) must be at most 10,000,000,000, got 10,001,000,000",
+        ),
+    ],
+)
+def test_inputs_over_their_bound_are_refused_before_any_work(
+    call: Callable[[], object], message: str
+) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+    assert time.perf_counter() - started < 0.5
+
+
+def test_inputs_at_their_bound_are_accepted() -> None:
+    assert compute.count_primes(10**12, 10**12 + 100) == 4  # far from 0, a short range
+    assert len(compute.mandelbrot_tile(0, 0, 1, 1, 1_000, 1, 1_000)[0]) == 1_000

@@ -17,9 +17,10 @@ COMPOSE_CONFIG = prometheus.CONFIG_DIR / "prometheus.yml"
 
 
 def test_redis_config_requires_the_password(tmp_path: Path) -> None:
-    config = redis_config("s3cret", 6390, tmp_path)
+    config = redis_config("s3cret", 6390, tmp_path, 2**30)
     assert 'requirepass "s3cret"' in config
     assert "appendonly yes" in config
+    assert "maxmemory 1073741824" in config
     assert "maxmemory-policy noeviction" in config
 
 
