@@ -10,12 +10,14 @@ from celery import Celery
 from taskstack.capacity import CapacityBeacon
 from taskstack.worker import heap, shutdown
 from taskstack.worker.leases import Leases
+from taskstack.worker.parking import Parking
 
 
 def install(app: Celery) -> None:
-    """Add what only a worker runs to ``app``: the capacity beacon, lease renewal, soft
-    shutdown and its deadline, and a heap left out of garbage collection."""
+    """Add what only a worker runs to ``app``: the capacity beacon, lease renewal, parking
+    of ETA tasks, soft shutdown and its deadline, and a heap left out of garbage collection."""
     heap.install()
     app.steps["worker"].add(CapacityBeacon)
     app.steps["consumer"].add(Leases)
+    app.steps["consumer"].add(Parking)
     shutdown.install(app)
