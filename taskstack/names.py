@@ -93,6 +93,10 @@ SHARED_KEY_PREFIX: Final = KEY_PREFIX + "shared:"
 """``<prefix><client id>:<sha256 hex>``: a big buffer or shared object a client sent once
 (see :mod:`taskstack.sharing`); deleted when the client shuts down, else it expires."""
 
+PARKED_KEY: Final = KEY_PREFIX + "parked"
+"""Sorted set of ETA task messages no worker holds yet, each its queue's list key, a newline
+and the message, scored by when a worker returns it there (see :mod:`taskstack.worker.parking`)."""
+
 # -- app.conf keys that are not Celery's -------------------------------------------------
 
 SECRET_SETTING: Final = "taskstack_secret"
@@ -104,6 +108,8 @@ SHARED_DIR_SETTING: Final = "taskstack_shared_dir"
 """Where a worker host keeps the shared objects it fetched, one file each."""
 
 SHARED_EXPIRES_SETTING: Final = "taskstack_shared_expires"
+
+MAX_ETA_TASKS_SETTING: Final = "taskstack_max_eta_tasks"
 
 # -- the executor's reply protocol ---------------------------------------------------------
 

@@ -1,8 +1,7 @@
 """One typed settings object for every process of the stack.
 
-Read from the environment only at the edges (service entrypoints, scripts,
-the user's own code via :meth:`Settings.from_env`); everything else takes a
-:class:`Settings` argument.
+Read from the environment only at the edges (service entrypoints, scripts, the user's own
+code via :meth:`Settings.from_env`); everything else takes a :class:`Settings` argument.
 """
 
 from __future__ import annotations
@@ -52,6 +51,8 @@ class Settings:
     worker renews every quarter of it, so only a lost worker's work returns to the queue."""
     lease_sweep_seconds: float = 2.0
     """How often each worker looks for claims nobody renewed and puts them back in the queue."""
+    max_eta_tasks: int = 1000
+    """ETA/countdown tasks a worker holds in memory; more wait in Redis until nearly due."""
     result_expires: int = 3600
     """Seconds a result is kept in Redis."""
     max_tasks_per_child: int = 1000
@@ -220,6 +221,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "time_limit": ("TASK_TIME_LIMIT", float),
     "lease_seconds": ("LEASE_SECONDS", float),
     "lease_sweep_seconds": ("LEASE_SWEEP_SECONDS", float),
+    "max_eta_tasks": ("WORKER_MAX_ETA_TASKS", int),
     "result_expires": ("RESULT_EXPIRES", int),
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", int),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", int),

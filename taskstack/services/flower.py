@@ -21,6 +21,10 @@ from taskstack.settings import Settings
 
 PURGE_OFFLINE_WORKERS_SECONDS = 600
 """Workers offline this long leave Flower's list (replaced containers, scaled-down replicas)."""
+MAX_TASKS = 10_000
+"""Tasks Flower keeps, the least recently updated dropped first. With Flower's default,
+100,000, it grew from 75 MB to 924 MB in a 166,000-task flood
+(tests/integration/test_flower_memory.py measures this one)."""
 TASKS_COLUMNS = "name,uuid,state,kwargs,received,runtime,worker"
 """The task list's columns: Flower's defaults plus ``kwargs``, where a batch says what it runs
 (``{fn=..., items=..., map=..., client=...}``, see taskstack/client/sending.py)."""
@@ -34,6 +38,7 @@ def flower_argv(port: int, address: str, db: str | None) -> list[str]:
         f"--port={port}",
         f"--address={address}",
         f"--purge_offline_workers={PURGE_OFFLINE_WORKERS_SECONDS}",
+        f"--max_tasks={MAX_TASKS}",
         f"--tasks_columns={TASKS_COLUMNS}",
     ]
     if db:

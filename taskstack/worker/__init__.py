@@ -10,17 +10,19 @@ from celery import Celery
 from taskstack.capacity import CapacityBeacon
 from taskstack.worker import base, heap, shutdown, timelimits
 from taskstack.worker.leases import Leases
+from taskstack.worker.parking import Parking
 
 
 def install(app: Celery) -> None:
     """Add what only a worker runs to ``app``: its tasks' base class, the capacity beacon,
-    lease renewal, time limits on threads, soft shutdown and its deadline, and a heap left
-    out of garbage collection."""
+    lease renewal, parking of ETA tasks, time limits on threads, soft shutdown and its
+    deadline, and a heap left out of garbage collection."""
     if "Task" in vars(app):
         raise RuntimeError("install() must come before the app makes its first task")
     app.task_cls = base.Task
     heap.install()
     app.steps["worker"].add(CapacityBeacon)
     app.steps["consumer"].add(Leases)
+    app.steps["consumer"].add(Parking)
     app.steps["consumer"].add(timelimits.QoSLink)
     shutdown.install(app)

@@ -279,11 +279,14 @@ def start_redis(settings: Settings, data_dir: Path, logs: Path, name: str = "red
     return service
 
 
-def start_flower(settings: Settings, logs: Path, name: str = "flower") -> Flower:
-    """Start Flower as the stack runs it, on a free port, and wait for its healthcheck."""
+def start_flower(
+    settings: Settings, logs: Path, name: str = "flower", db: Path | None = None
+) -> Flower:
+    """Start Flower as the stack runs it, on a free port, and wait for its healthcheck;
+    with ``db``, it keeps its state in that file, as in compose.yaml."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    service = start(name, flower_command(port), settings_env(settings), logs)
+    service = start(name, flower_command(port, db), settings_env(settings), logs)
     wait_for(
         lambda: http_get(f"{url}/healthcheck", timeout=1)[0] == 200,
         60,
