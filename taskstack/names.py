@@ -93,6 +93,14 @@ SHARED_KEY_PREFIX: Final = KEY_PREFIX + "shared:"
 """``<prefix><client id>:<sha256 hex>``: a big buffer or shared object a client sent once
 (see :mod:`taskstack.sharing`); deleted when the client shuts down, else it expires."""
 
+DEAD_LETTERS_KEY: Final = KEY_PREFIX + "dead"
+"""List of JSON records of what workers will not run: queue entries their intake refused,
+messages given up after too many deliveries (see :mod:`taskstack.worker.deadletters`)."""
+
+DELIVERIES_KEY_PREFIX: Final = KEY_PREFIX + "deliveries:"
+"""``<prefix><task id>``: hash of a message delivered again (redelivered or retried) and
+not yet finished: ``count`` of such deliveries, the ``entry`` and its ``queue``."""
+
 # -- app.conf keys that are not Celery's -------------------------------------------------
 
 SECRET_SETTING: Final = "taskstack_secret"
