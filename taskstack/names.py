@@ -97,6 +97,14 @@ PARKED_KEY: Final = KEY_PREFIX + "parked"
 """Sorted set of ETA task messages no worker holds yet, each its queue's list key, a newline
 and the message, scored by when a worker returns it there (see :mod:`taskstack.worker.parking`)."""
 
+DEAD_LETTERS_KEY: Final = KEY_PREFIX + "dead"
+"""List of JSON records of what workers will not run: queue entries their intake refused,
+messages given up after too many deliveries (see :mod:`taskstack.worker.deadletters`)."""
+
+DELIVERIES_KEY_PREFIX: Final = KEY_PREFIX + "deliveries:"
+"""``<prefix><task id>``: hash of a message delivered again (redelivered or retried) and
+not yet finished: ``count`` of such deliveries, the ``entry`` and its ``queue``."""
+
 # -- app.conf keys that are not Celery's -------------------------------------------------
 
 SECRET_SETTING: Final = "taskstack_secret"

@@ -31,10 +31,8 @@ def _default_redis_url(port: int = 6379, password: str = DEFAULT_REDIS_PASSWORD)
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Configuration of the app, the workers, Flower and the clients.
-
-    :meth:`from_env` reads each field from the variable :data:`ENV_VARS` names for it.
-    """
+    """Configuration of the app, the workers, Flower and the clients; :meth:`from_env` reads
+    each field from the variable :data:`ENV_VARS` names for it."""
 
     redis_url: str = _default_redis_url()
     """Broker and result backend, ``redis://:PASSWORD@HOST:PORT/DB``; a password is required."""
@@ -63,6 +61,10 @@ class Settings:
     max_payload_bytes: int = 16 * 1024 * 1024
     """Largest signed batch (functions, arguments) a client sends or a worker accepts, and
     largest plain task's arguments or result, as JSON, a client sends or a worker stores."""
+    max_deliveries: int = 5
+    """Deliveries of a message that did not finish, after which it goes to the dead letters."""
+    dead_letters_max: int = 1000
+    """Records the dead-letter list keeps, the newest (each entry kept to its first 64 KiB)."""
     shared_min_bytes: int = 1024 * 1024
     """A pickle protocol 5 buffer (NumPy array data) this large leaves the batch: it is stored
     once in Redis and mapped once per worker host."""
@@ -226,6 +228,8 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_tasks_per_child": ("WORKER_MAX_TASKS_PER_CHILD", int),
     "max_memory_per_child": ("WORKER_MAX_MEMORY_PER_CHILD", int),
     "max_payload_bytes": ("MAX_PAYLOAD_BYTES", int),
+    "max_deliveries": ("MAX_DELIVERIES", int),
+    "dead_letters_max": ("DEAD_LETTERS_MAX", int),
     "shared_min_bytes": ("SHARED_MIN_BYTES", int),
     "shared_max_bytes": ("SHARED_MAX_BYTES", int),
     "shared_expires": ("SHARED_EXPIRES", int),

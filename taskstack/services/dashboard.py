@@ -27,6 +27,7 @@ PANELS: Final = (
         ' or label_replace(taskstack:batch_seconds:p95, "q", "p95", "", "")',
     ),
     ("workers online", "sum(flower_worker_online)"),
+    ("dead letters (taskstack-deadletters list)", "max(taskstack_dead_letters)"),
 )
 """(title, PromQL) of each panel, top to bottom."""
 

@@ -1,7 +1,8 @@
 """What a worker's metrics endpoint serves, read when Prometheus scrapes it.
 
 The counts its pool processes wrote (:class:`MultiProcess`, with each new
-series shown at 0 first) and the length of its queue (:class:`QueueLength`).
+series shown at 0 first), the length of its queue and of the dead-letter list
+(:class:`QueueLength`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import redis
+
+from taskstack import names
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -76,10 +79,11 @@ class MultiProcess:
 
 
 class QueueLength:
-    """The messages waiting in this worker's queue, read from Redis when scraped.
+    """The messages waiting in this worker's queue, and the records of the dead-letter list,
+    read from Redis when scraped.
 
-    Every replica reports the same number (take ``max by (queue)``). A Redis that
-    does not answer within a second leaves the gauge out of that scrape.
+    Every replica reports the same numbers (take ``max by (queue)``, ``max``). A Redis that
+    does not answer within a second leaves the gauges out of that scrape.
     """
 
     def __init__(self, queue: str, redis_url: str) -> None:
@@ -94,16 +98,22 @@ class QueueLength:
         try:
             # kombu keeps messages with a priority in lists of their own, queue\x06\x16<p>.
             with self.client.pipeline(transaction=False) as pipe:
+                pipe.llen(names.DEAD_LETTERS_KEY)
                 for key in (self.queue, *(f"{self.queue}\x06\x16{p}" for p in range(1, 10))):
                     pipe.llen(key)
-                waiting = sum(pipe.execute())
+                dead, *waiting = pipe.execute()
         except redis.RedisError:
             return []
         gauge = GaugeMetricFamily(
             "taskstack_queue_messages", "Messages waiting in a queue.", labels=["queue"]
         )
-        gauge.add_metric([self.queue], waiting)
-        return [gauge]
+        gauge.add_metric([self.queue], sum(waiting))
+        letters = GaugeMetricFamily(
+            "taskstack_dead_letters",
+            "Records in the dead-letter list: entries refused or given up (taskstack-deadletters).",
+            value=dead,
+        )
+        return [gauge, letters]
 
 
 def _pids(directory: str) -> Iterator[int]:

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 from taskstack import names, worker
 from taskstack.app import create_app
 from taskstack.settings import Settings
-from taskstack.worker import metrics, shutdown, timelimits
+from taskstack.worker import intake, metrics, shutdown, timelimits
 from taskstack.worker.cpus import available_cpus
-from taskstack.worker.malformed import tolerate_malformed_messages
 
 PING_TIMEOUT_SECONDS = 5.0
 
@@ -81,7 +80,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Celery reads the remap when it is imported: start afresh (same PID).
         argv = [sys.executable, "-m", "taskstack.worker.main", *sys.argv[1:]]
         os.execve(sys.executable, argv, shutdown.cold_sigterm_environ())
-    tolerate_malformed_messages()
     node_host = socket.gethostname() if args.hostname == "%h" else args.hostname
     metrics.start(
         settings.metrics_port,
@@ -92,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     app = create_app(settings)
     app.conf.worker_pool = pool_for(args.queue)
+    intake.install(app, settings, names.node_name(args.queue, node_host))
     worker.install(app)
     app.worker_main(
         [*worker_argv(args.queue, settings, args.hostname), f"--loglevel={args.loglevel}", *extra]

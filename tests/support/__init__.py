@@ -4,7 +4,8 @@
 - infrastructure a tier needs: :func:`require` (skip on a laptop, fail in CI),
   :func:`free_port`;
 - child processes: :func:`run` (stderr kept on failure), :class:`Service` and
-  :func:`start`, :func:`child_pids`, :func:`pss_bytes`, :func:`settings_env`;
+  :func:`start`, :func:`child_pids`, :func:`pss_bytes`, :func:`memory_kib`,
+  :func:`settings_env`;
 - the stack's services: :func:`start_redis`, :func:`start_flower`;
 - what went through Redis: :func:`redis_traffic`;
 - what the session's fixtures hand out: :class:`Worker`, :class:`Flower`;
@@ -134,6 +135,14 @@ def pss_bytes(pids: Sequence[int]) -> int:
             if line.startswith("Pss:"):
                 total += int(line.split()[1]) * 1024
     return total
+
+
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A field of ``/proc/<pid>/status`` in KiB: ``VmRSS`` now, ``VmHWM`` its peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(f"no {field} for process {pid}")
 
 
 def redis_traffic(client: Any) -> tuple[int, int]:

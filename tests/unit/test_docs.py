@@ -164,6 +164,8 @@ def help_for(argv: list[str]) -> str:
         return help_text(sys.executable, "-m", "pip", argv[1])
     if Path(program).name.startswith("python") and len(argv) > 1:
         return help_text(sys.executable, argv[1])
+    if program.startswith(".venv/bin/taskstack-"):  # an entrypoint: its subcommand's --help
+        return help_text(str(ROOT / program), *argv[1:2])
     pytest.fail(f"no --help known for {program}: add it to help_for")
 
 
