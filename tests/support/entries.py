@@ -1,5 +1,5 @@
 """Queue entries as an attacker holding the Redis password would push them, built once for
-every tier: a well-formed Celery message to start from, and the bad entries of issue 27.
+every tier: a well-formed Celery message to start from, and the bad entries reliability.md lists.
 
 Each :class:`BadEntry` is what is pushed (``LPUSH`` onto a queue, as a client does) and the
 first words of the reason the worker's intake gives when it moves it to the dead letters;

@@ -98,7 +98,7 @@ def test_bad_entries_go_to_the_dead_letters_and_no_worker_restarts(
     }
     report_row.note(
         f"{len(pushed)} entries ({len(pushed) - len(ON_IO)} on cpu, {len(ON_IO)} on io: each "
-        "row of issue 27's table, pickle, an unknown task, a 256 MiB bzip2 bomb) went to the "
+        "kind of entry reliability.md lists, pickle, an unknown task, a 256 MiB bzip2 bomb) went to the "
         f"dead-letter list with their reasons; RestartCount stayed 0 on all {len(workers)} "
         f"workers, the {BEHIND}-item map and 10 io tasks queued behind them were done "
         f"{done_after:.1f} s after the entries were pushed, and the workers' peak RSS grew by "
