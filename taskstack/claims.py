@@ -14,6 +14,11 @@ whose outcomes were sent, and only grows (:data:`PROGRESS_SCRIPT` pushes a reply
 and moves it, in one step). A batch redelivered after its worker died starts
 at ``done``.
 
+A process that waits on its own batches may run one itself while no worker has
+started it (:func:`take`, the fork-join of nested joblib calls): it takes the same
+``started`` field, plus ``held``, so a worker that later picks the batch's queue
+entry skips it, and the batch runs once.
+
 Running batches also watch *stop keys* (:data:`~taskstack.names.STOP_KEY_PREFIX`):
 a client that stops a map (Ctrl-C, a timeout, a closed iterator) or
 terminates sets one, and the batch returns after the call it is running.
@@ -31,17 +36,27 @@ TTL_SECONDS: Final = 24 * 3600
 """Claims and stop keys outlive any batch, and expire with the reply lists."""
 
 WHOLE_BATCH: Final = "all"
+HELD: Final = "held"
+"""The claim field of a batch its own client took to run in its process."""
 
 _START = """
 if redis.call('hexists', KEYS[1], 'all') == 1 then return {'all'} end
+if redis.call('hexists', KEYS[1], 'held') == 1 then return {'held'} end
+if ARGV[2] == 'take' then
+  if redis.call('hexists', KEYS[1], 'started') == 1 then return {'started'} end
+  redis.call('hset', KEYS[1], 'held', '1')
+end
 redis.call('hset', KEYS[1], 'started', '1')
 redis.call('expire', KEYS[1], ARGV[1])
 if KEYS[2] then
-  redis.call('rpush', KEYS[2], ARGV[2])
+  redis.call('rpush', KEYS[2], ARGV[3])
   redis.call('expire', KEYS[2], ARGV[1])
 end
 return redis.call('hgetall', KEYS[1])
 """
+"""KEYS: claim hash[, reply list]; ARGV: TTL, ``take`` or ``start``[, notice]. A worker
+starts a batch (again, if it was redelivered); its own client takes one only if no
+worker has started it."""
 
 PROGRESS_SCRIPT: Final = """
 local done = tonumber(redis.call('hget', KEYS[2], 'done') or '0')
@@ -83,24 +98,43 @@ def stop_key(owner: str) -> str:
 def start(
     client: redis.Redis, batch_id: str, notify: tuple[str, bytes] | None = None
 ) -> tuple[set[str], int]:
-    """Take the batch for running: the fields its client set first (``all``: skip it),
-    and how many of its calls an earlier delivery already answered. ``notify`` is a
-    reply list and a message pushed to it in the same step, unless the batch is skipped."""
-    keys: list[str] = [claim_key(batch_id)]
-    args: list[bytes | int] = [TTL_SECONDS]
-    if notify is not None:
-        keys.append(notify[0])
-        args.append(notify[1])
-    flat = [
-        f.decode() if isinstance(f, bytes) else str(f)
-        for f in client.eval(_START, len(keys), *keys, *args)
-    ]
-    if flat == [WHOLE_BATCH]:  # the script's answer for a batch cancelled as a whole
-        return {WHOLE_BATCH}, 0
+    """Take the batch for running: the fields its client set first (``all``: skip it;
+    ``held``: its client runs it), and how many of its calls an earlier delivery already
+    answered. ``notify`` is a reply list and a message pushed to it in the same step,
+    unless the batch is skipped."""
+    flat = _claim(client, batch_id, notify, "start")
+    if flat in ([WHOLE_BATCH], [HELD]):
+        return set(flat), 0
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     done = int(fields.pop("done", 0))
     fields.pop("started", None)
     return set(fields), done
+
+
+def take(
+    client: redis.Redis, batch_id: str, notify: tuple[str, bytes] | None = None
+) -> set[str] | None:
+    """Take a batch no worker started, to run it in this process (its client's): the
+    fields its client set (``c<index>``: skip that call); None if a worker started it
+    or it was cancelled. ``notify`` as for :func:`start`."""
+    flat = _claim(client, batch_id, notify, "take")
+    if len(flat) == 1:  # all, held or started: not this process's to run
+        return None
+    return set(flat[::2]) - {"started", HELD, "done"}
+
+
+def _claim(
+    client: redis.Redis, batch_id: str, notify: tuple[str, bytes] | None, mode: str
+) -> list[str]:
+    keys: list[str] = [claim_key(batch_id)]
+    args: list[bytes | int | str] = [TTL_SECONDS, mode]
+    if notify is not None:
+        keys.append(notify[0])
+        args.append(notify[1])
+    return [
+        f.decode() if isinstance(f, bytes) else str(f)
+        for f in client.eval(_START, len(keys), *keys, *args)
+    ]
 
 
 def record(client: redis.Redis, batch_id: str, reply_to: str, reply: bytes, done: int) -> bool:

@@ -189,6 +189,9 @@ class Submitted:
     args: tuple[Any, ...]
     kwargs: dict[str, Any] | None
     future: ClusterFuture[Any]
+    owner: str = ""
+    """Whose calls these are, if they may be stopped apart (a joblib ``Parallel`` call):
+    a batch holds calls of one owner, and its stop key is the owner's."""
 
 
 @dataclass(eq=False)
@@ -209,8 +212,13 @@ class InFlight:
     """Calls that could not be pickled, by index: each settles with its own error, here."""
     started: float = 0.0
     """When a worker said it started the batch (submitted calls only; 0 until then)."""
+    owner: str = ""
+    """The owner of its submitted calls, if they may be stopped apart (:class:`Submitted`)."""
     sent: bool = False
     """Published: on its way to the workers."""
+    message: dict[str, Any] | None = None
+    """The batch task's arguments as published, while this process may still run the
+    batch itself (:mod:`taskstack.client.helping`); dropped once it started or settled."""
 
 
 def cost_key(fn: Callable[..., Any]) -> object:
@@ -265,10 +273,12 @@ def carve(
     limit = sizer.tail(len(pending), processes, key, inflight, time.monotonic())
     limit = limit or sizer.size(len(pending), processes, key)
     taken: list[Submitted] = []
-    batch = InFlight(batch_id, 0, key, calls=taken)
-    while pending and len(taken) < limit and isinstance(pending[0], Submitted):
-        call = pending.popleft()
-        assert isinstance(call, Submitted)
+    batch = InFlight(batch_id, 0, key, calls=taken, owner=head.owner)
+    while pending and len(taken) < limit:
+        call = pending[0]
+        if not isinstance(call, Submitted) or call.owner != head.owner:
+            break
+        pending.popleft()
         if call.future.cancelled():
             continue
         call.future._batch = batch

@@ -85,6 +85,7 @@ class Dispatcher:
         self._cv = threading.Condition()
         self._pending: deque[Submitted | MapJob] = deque()
         self._inflight: dict[str, InFlight] = {}
+        self._held = 0  # of _inflight, run by this process itself while it waits (helping.py)
         self._stopping = False
         self._closed = threading.Event()
         self._closing = threading.Lock()
@@ -100,11 +101,11 @@ class Dispatcher:
     # -- intake ---------------------------------------------------------------
 
     def call(
-        self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], owner: str = ""
     ) -> ClusterFuture[R]:
         future: ClusterFuture[R] = ClusterFuture()
         future._on_cancel = self._cancel_call
-        self._enqueue(Submitted(fn, args, kwargs or None, future))
+        self._enqueue(Submitted(fn, args, kwargs or None, future, owner))
         return future
 
     def map(self, job: MapJob) -> MapJob:
@@ -144,7 +145,7 @@ class Dispatcher:
         limit = 2 * max(1, self._capacity.processes)
         if self.max_workers is not None:
             limit = min(limit, self.max_workers)
-        return len(self._inflight) < limit
+        return len(self._inflight) - self._held < limit
 
     # -- cancellation ------------------------------------------------------------
 

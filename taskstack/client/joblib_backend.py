@@ -14,26 +14,38 @@ joblib splits the end of its input into go out together, in a few messages.
 
 Like loky's, the executor outlives the ``Parallel`` call: the next one with the
 same settings and queue reuses it (no start-up, and the cost per item of its
-function already known), until the interpreter exits or a call is aborted. A
-``Parallel`` nested in a call that runs on the cluster runs sequentially
-there, as joblib's process backends do; an aborted ``Parallel`` (an
-exception, Ctrl-C) stops its calls on the workers.
+function already known), until the interpreter exits. Calls are independent
+all the same: an aborted ``Parallel`` (an exception, Ctrl-C, a generator
+abandoned unconsumed) stops its own calls on the workers, and no other's
+(:mod:`taskstack.client.parallel_calls`). A ``Parallel`` nested in a call
+that runs on the cluster runs on threads of its worker process, as joblib's
+process backends do; one that asks for this backend runs on the cluster, its
+process running its own batches while no worker is free
+(:mod:`taskstack.client.helping`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
 from joblib import register_parallel_backend
-from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
+from joblib._parallel_backends import (
+    AutoBatchingMixin,
+    ParallelBackendBase,
+    SequentialBackend,
+    ThreadingBackend,
+)
 
 from taskstack import names
 from taskstack.client.batching import ItemsKey, cost_key, joblib_items
 from taskstack.client.executor import ClusterExecutor
+from taskstack.client.helping import Helper, in_cluster_call
+from taskstack.client.parallel_calls import ParallelCalls
 from taskstack.settings import Settings
 
 BACKEND_NAME = "taskstack"
@@ -82,6 +94,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self._batch_size = 1
         """The size :meth:`compute_batch_size` gave last."""
         self._draining = False
+        self._calls = ParallelCalls()
 
     def _get_executor(self) -> ClusterExecutor:
         if self._executor is None:
@@ -102,8 +115,23 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         return n_jobs
 
     def get_nested_backend(self) -> tuple[Any, None]:
-        # The workers must not send work to their own queue and wait for it.
-        return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
+        """joblib's own choice for its process backends: a ``Parallel`` nested in a call
+        runs on threads of the worker process, and sequentially below that. A nested
+        ``Parallel`` that asks for this backend by name runs on the cluster."""
+        level = (self.nesting_level or 0) + 1
+        if level > 1:
+            return SequentialBackend(nesting_level=level), None
+        return ThreadingBackend(nesting_level=level), None
+
+    @contextlib.contextmanager
+    def retrieval_context(self) -> Iterator[None]:
+        """While a call on the cluster waits for the ``Parallel`` it started, its process
+        runs the batches no worker started (:mod:`taskstack.client.helping`)."""
+        if not in_cluster_call():
+            yield
+            return
+        with Helper(self._get_executor()._dispatcher):
+            yield
 
     def configure(self, n_jobs: int = 1, parallel: Any = None, **kwargs: Any) -> int:
         self.parallel = parallel
@@ -143,7 +171,13 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         if inner:  # the function of the latest batch: a Parallel reused for another one
             self._key = ItemsKey(cost_key(inner[0][0]))
         executor = self._get_executor()
-        future = executor.submit(func)
+        if executor._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        # Each Parallel call's batches are its own, so that its abort stops them alone.
+        owner = str(getattr(callback, "parallel_call_id", "") or "")
+        future = executor._dispatcher.call(func, (), {}, owner)
+        if owner:
+            self._calls.track(owner, getattr(callback, "parallel", None), executor, future)
         if callback is not None:
             future.add_done_callback(callback)
         if inner and len(inner) < self._expected_size():
@@ -194,17 +228,12 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         return future.result()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """Stop every call of the executor on the workers, and start afresh next time."""
-        if self._executor is not None:
-            with _executors_lock:
-                for key, executor in list(_executors.items()):
-                    if executor is self._executor:
-                        del _executors[key]
-            self._executor.terminate()
-            self._executor = None
+        """Stop the aborted ``Parallel`` call's calls on the workers (and only its own)."""
+        self._calls.abort()
 
     def terminate(self) -> None:
         """The end of a ``Parallel`` call: the executor stays for the next one."""
+        self._calls.end()
         self._executor = None
         self.reset_batch_stats()
 

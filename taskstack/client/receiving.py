@@ -119,6 +119,7 @@ class Receiver:
             batch = self._batch(body.decode())
             if batch is not None:
                 batch.started = time.monotonic()
+                batch.message = None
             for call in batch.calls if batch else ():
                 mark_running(call.future)
         elif kind == names.FAILED:
@@ -168,6 +169,7 @@ class Receiver:
         with d._cv:
             if batch.id not in d._inflight:
                 return
+            batch.message = None  # it runs (or ran) somewhere
             fresh = outcomes[batch.received - first :] if first <= batch.received else []
             start = batch.received
             batch.received += len(fresh)
@@ -203,6 +205,7 @@ class Receiver:
     def settle_failure(self, batch: InFlight, exc: BaseException) -> None:
         d = self.dispatcher
         with d._cv:
+            batch.message = None
             if d._inflight.pop(batch.id, None) is None:
                 return
             d._cv.notify_all()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from taskstack import capacity, claims, names
 from taskstack.client.batching import InFlight, carve
 from taskstack.client.futures import ClusterFuture
+from taskstack.client.helping import in_cluster_call
 from taskstack.client.packing import pack
 from taskstack.client.results import MapJob
 from taskstack.client.sharing import Memo
@@ -40,6 +41,9 @@ class Sender:
         # A big buffer is hashed once per map, or once per run of submitted work.
         self.map_memos: weakref.WeakKeyDictionary[MapJob, Memo] = weakref.WeakKeyDictionary()
         self.burst_memo = Memo()
+        # A cluster call may run its own batches while it waits (helping.py): their
+        # messages are kept until a worker starts them.
+        self.keeps_messages = in_cluster_call()
 
     def start(self) -> None:
         self.thread.start()
@@ -118,12 +122,16 @@ class Sender:
         stop_keys = [claims.stop_key(d.id)]
         if batch.job is not None:
             stop_keys.append(claims.stop_key(batch.job.id))
+        if batch.owner:
+            stop_keys.append(claims.stop_key(batch.owner))
         kwargs = {
             "payload": base64.b64encode(blob).decode(),
             "reply_to": d.reply_key,
             "notify_start": bool(batch.calls),
             "stop_keys": stop_keys,
         }
+        if self.keeps_messages:
+            batch.message = kwargs
         # What Flower shows for the batch: what it runs, never the (signed) pickle.
         described = describe(batch, calls, d.id)
         deadline = time.monotonic() + d.retry_seconds

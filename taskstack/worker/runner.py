@@ -63,38 +63,24 @@ def _run_batch(
     batch_id = task.request.id
     client = shared(task.app.conf.broker_url)
     try:
-        if not reply_to.startswith(names.REPLY_KEY_PREFIX):
-            raise ValueError(f"reply_to must be a {names.REPLY_KEY_PREFIX}* key, got {reply_to!r}")
-        signer = Signer(task.app.conf[names.SECRET_SETTING])
-        limit = task.app.conf[names.MAX_PAYLOAD_SETTING]
-        if len(payload) * 3 // 4 > limit:  # checked before decoding anything
-            raise PayloadTooLarge(
-                f"batch payload of about {len(payload) * 3 // 4:,} bytes exceeds "
-                f"MAX_PAYLOAD_BYTES={limit:,}"
-            )
-        if not all(key.startswith(names.STOP_KEY_PREFIX) for key in stop_keys):
-            raise ValueError(f"stop_keys must be {names.STOP_KEY_PREFIX}* keys, got {stop_keys!r}")
-        blob = base64.b64decode(payload, validate=True)
-        body = signer.open_batch(blob, batch_id=batch_id, reply_to=reply_to, now=time.time())
-        cache = host_cache(
-            task.app.conf[names.SHARED_DIR_SETTING], task.app.conf[names.SHARED_EXPIRES_SETTING]
+        signer, (calls, setup) = open_batch(
+            task.app.conf, client, batch_id, payload, reply_to, stop_keys
         )
-        request: names.Request = cache.unpickle(body, client)
-        calls, setup = request
     except SignatureError as exc:
         _refuse(task, client, reply_to, exc)
     except (ValueError, binascii.Error) as exc:
-        _reply_failed(client, reply_to, batch_id, exc)
+        reply_failed(client, reply_to, batch_id, exc)
         raise
     except Exception as exc:  # verified, but it would not unpickle here (e.g. missing module)
-        error = _load_error(exc)
-        unloadable = [(False, (error, traceback.format_exc()))]
-        ending = pack_outcomes(signer, names.DONE, batch_id, names.WHOLE_BATCH, unloadable, 0.0, 0)
-        _reply(client, reply_to, ending)
-        raise error from exc
+        raise _unloadable(
+            client, Signer(task.app.conf[names.SECRET_SETTING]), reply_to, batch_id, exc
+        ) from exc
     # Marks the futures running, in the same step as the claim.
     notice = (reply_to, names.STARTED + batch_id.encode()) if notify_start else None
     cancelled, done = claims.start(client, batch_id, notice)
+    if claims.HELD in cancelled:
+        logger.info("batch %s: run by the process that sent it, while it waited; skipped", batch_id)
+        return 0
     if done >= len(calls):
         logger.info("batch %s: every outcome was sent by an earlier delivery; skipped", batch_id)
         return 0
@@ -103,28 +89,94 @@ def _run_batch(
         _revoked(task, calls[done:])
     if done:
         logger.info("batch %s: redelivered; resumes at call %d of %d", batch_id, done, len(calls))
-    started = time.perf_counter()
-    progress = Progress(client, signer, reply_to, batch_id, done)
-    failed_setup = initialize(setup)
-    if failed_setup is not None:
-        trace = "".join(traceback.format_exception(failed_setup))
-        outcomes: list[names.Outcome] = [(False, (failed_setup, trace))] * (len(calls) - done)
-    else:
-
-        def stopped() -> bool:  # by its client, or by its time limit on the threads pool
-            return timelimits.expired() or bool(stop_keys and client.exists(*stop_keys))
-
-        try:
-            outcomes = run_calls(calls, skip, stopped, done, progress)
-        finally:
-            progress.close()
-    seconds = time.perf_counter() - started
-    metrics.record_batch(task, calls[done:], outcomes, seconds)
-    last = progress.sent
-    first, rest = done + last, outcomes[last:]
-    ending = pack_outcomes(signer, names.DONE, batch_id, first, rest, seconds, len(outcomes))
-    claims.record(client, batch_id, reply_to, ending, len(calls))
+    run = BatchRun(client, signer, batch_id, reply_to, stop_keys, done)
+    outcomes = run.calls(calls, setup, skip)
+    metrics.record_batch(task, calls[done:], outcomes, run.seconds)
+    run.end(outcomes, len(calls))
     return len(outcomes)
+
+
+def open_batch(
+    conf: Any, client: redis.Redis, batch_id: str, payload: str, reply_to: str, stop_keys: list[str]
+) -> tuple[Signer, names.Request]:
+    """The batch's calls, once its message and signature hold."""
+    if not reply_to.startswith(names.REPLY_KEY_PREFIX):
+        raise ValueError(f"reply_to must be a {names.REPLY_KEY_PREFIX}* key, got {reply_to!r}")
+    signer = Signer(conf[names.SECRET_SETTING])
+    limit = conf[names.MAX_PAYLOAD_SETTING]
+    if len(payload) * 3 // 4 > limit:  # checked before decoding anything
+        raise PayloadTooLarge(
+            f"batch payload of about {len(payload) * 3 // 4:,} bytes exceeds "
+            f"MAX_PAYLOAD_BYTES={limit:,}"
+        )
+    if not all(key.startswith(names.STOP_KEY_PREFIX) for key in stop_keys):
+        raise ValueError(f"stop_keys must be {names.STOP_KEY_PREFIX}* keys, got {stop_keys!r}")
+    blob = base64.b64decode(payload, validate=True)
+    body = signer.open_batch(blob, batch_id=batch_id, reply_to=reply_to, now=time.time())
+    cache = host_cache(conf[names.SHARED_DIR_SETTING], conf[names.SHARED_EXPIRES_SETTING])
+    request: names.Request = cache.unpickle(body, client)
+    return signer, request
+
+
+def _unloadable(
+    client: redis.Redis, signer: Signer, reply_to: str, batch_id: str, exc: Exception
+) -> RuntimeError:
+    """Answer every call of a batch that would not load with the error saying why."""
+    error = _load_error(exc)
+    unloadable = [(False, (error, traceback.format_exc()))]
+    ending = pack_outcomes(signer, names.DONE, batch_id, names.WHOLE_BATCH, unloadable, 0.0, 0)
+    _reply(client, reply_to, ending)
+    return error
+
+
+class BatchRun:
+    """A claimed batch's calls from ``done`` on, their outcomes sent as they finish."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        signer: Signer,
+        batch_id: str,
+        reply_to: str,
+        stop_keys: list[str],
+        done: int,
+    ) -> None:
+        self.client, self.signer, self.batch_id = client, signer, batch_id
+        self.reply_to, self.stop_keys, self.done = reply_to, stop_keys, done
+        self.progress = Progress(client, signer, reply_to, batch_id, done)
+        self.seconds = 0.0
+
+    def calls(
+        self, calls: names.Batch, setup: names.Setup, skip: frozenset[int]
+    ) -> list[names.Outcome]:
+        started = time.perf_counter()
+        failed_setup = initialize(setup)
+        if failed_setup is not None:
+            trace = "".join(traceback.format_exception(failed_setup))
+            outcomes: list[names.Outcome] = [(False, (failed_setup, trace))] * (
+                len(calls) - self.done
+            )
+        else:
+            client, stop_keys = self.client, self.stop_keys
+
+            def stopped() -> bool:  # by its client, or by its time limit on the threads pool
+                return timelimits.expired() or bool(stop_keys and client.exists(*stop_keys))
+
+            try:
+                outcomes = run_calls(calls, skip, stopped, self.done, self.progress)
+            finally:
+                self.progress.close()
+        self.seconds = time.perf_counter() - started
+        return outcomes
+
+    def end(self, outcomes: list[names.Outcome], size: int) -> None:
+        """The batch's last reply: the outcomes no progress reply carried."""
+        last = self.progress.sent
+        first, rest = self.done + last, outcomes[last:]
+        ending = pack_outcomes(
+            self.signer, names.DONE, self.batch_id, first, rest, self.seconds, len(outcomes)
+        )
+        claims.record(self.client, self.batch_id, self.reply_to, ending, size)
 
 
 def _refuse(task: Task, client: redis.Redis, reply_to: str, exc: SignatureError) -> NoReturn:
@@ -135,7 +187,7 @@ def _refuse(task: Task, client: redis.Redis, reply_to: str, exc: SignatureError)
     """
     batch_id = task.request.id
     logger.error("batch %s refused, not run: %s", batch_id, exc)
-    _reply_failed(client, reply_to, batch_id, exc)
+    reply_failed(client, reply_to, batch_id, exc)
     task.send_event("task-failed", exception=f"SignatureError({str(exc)!r})", traceback="")
     raise Ignore()
 
@@ -164,7 +216,7 @@ def _load_error(exc: Exception) -> RuntimeError:
     )
 
 
-def _reply_failed(client: redis.Redis, reply_to: str, batch_id: str, exc: BaseException) -> None:
+def reply_failed(client: redis.Redis, reply_to: str, batch_id: str, exc: BaseException) -> None:
     notice = {"id": batch_id, "type": type(exc).__name__, "error": str(exc)}
     _reply(client, reply_to, names.FAILED + json.dumps(notice).encode())
     exc.__dict__["taskstack_replied"] = True
@@ -191,7 +243,7 @@ def _batch_failed(
     reply_to = (kwargs or {}).get("reply_to", "")
     if task_id and reply_to.startswith(names.REPLY_KEY_PREFIX):
         try:
-            _reply_failed(shared(sender.app.conf.broker_url), reply_to, task_id, exception)
+            reply_failed(shared(sender.app.conf.broker_url), reply_to, task_id, exception)
         except redis.RedisError:
             logger.exception("could not tell %s that batch %s failed", reply_to, task_id)
 
