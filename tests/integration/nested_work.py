@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
 
 import joblib
+import redis
 from joblib import Parallel, delayed
 
 from taskstack import JOBLIB_BACKEND
@@ -44,16 +44,16 @@ def backend_levels(limit: int = 3) -> list[tuple[str, int | None]]:
         return here + below[0]
 
 
-def pid_after(seconds: float) -> int:
-    time.sleep(seconds)
-    return os.getpid()
-
-
-def tree_pids(widths: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(depth, pid) of every call of a tree like :func:`tree_sum`'s."""
+def tree_calls(widths: tuple[int, ...], redis_url: str, key: str) -> list[tuple[int, int]]:
+    """(depth, pid) of every call of a tree like :func:`tree_sum`'s; each call also
+    appends its pid to the list ``key``, so that a call run twice shows."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.rpush(key, os.getpid())
     here = [(len(widths), os.getpid())]
     if not widths:
         return here
     with joblib.parallel_config(backend=JOBLIB_BACKEND):
-        parts = Parallel(n_jobs=-1)(delayed(tree_pids)(widths[1:]) for _ in range(widths[0]))
-    return here + [p for part in parts for p in part]
+        parts: list[list[tuple[int, int]]] = Parallel(n_jobs=-1)(
+            delayed(tree_calls)(widths[1:], redis_url, key) for _ in range(widths[0])
+        )
+    return here + [call for part in parts for call in part]

@@ -18,7 +18,7 @@ from tests.support import Worker, wait_until_idle
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def test_a_nested_parallel_runs_sequentially_on_the_worker(
+def test_a_nested_parallel_runs_on_threads_of_the_worker(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:
     with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import weakref
 
@@ -14,26 +15,82 @@ import redis
 from celery import Celery
 from joblib import Parallel, delayed
 
-from taskstack import JOBLIB_BACKEND, names
+from taskstack import JOBLIB_BACKEND, ClusterExecutor, names
 from taskstack.settings import Settings
 from tests.integration import contract_work, nested_work
 from tests.support import Worker, wait_for, wait_until_idle
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
+SKIPPED_HELD = "run by the process that sent it, while it waited; skipped"
+"""What a worker logs for the queue entry of a batch its own client ran."""
+
 
 @pytest.mark.timeout(40)
 def test_nested_parallel_three_levels_deep_completes_with_every_process_busy(
-    redis_server: Settings, cpu_worker: Worker
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis, app: Celery
 ) -> None:
-    # 4 outer calls on the 2 processes, each a Parallel of 6 calls, each a Parallel of 3:
-    # every process runs an outer call that waits for calls queued behind the others.
+    # The issue's repro, a level deeper: 4 outer calls on the 2 processes, each a Parallel
+    # of 6 calls, each a Parallel of 3. Every process runs an outer call that waits for
+    # calls queued behind the other outer calls. Without the fork-join it never finishes.
     widths = (6, 3)
     started = time.monotonic()
     with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
         totals = Parallel(n_jobs=2)(delayed(nested_work.tree_sum)(widths, i) for i in range(4))
     assert totals == [nested_work.expected_tree_sum(widths, i) for i in range(4)]
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.timeout(40)
+def test_each_nested_call_runs_once_and_the_skipped_queue_entries_are_acknowledged(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis, app: Celery
+) -> None:
+    key = "test:ran:nested"
+    redis_client.delete(key)
+    log = cpu_worker.service.log
+    skipped_before = log.read_text().count(SKIPPED_HELD)
+    with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
+        trees = Parallel(n_jobs=2)(
+            delayed(nested_work.tree_calls)((6, 3), redis_server.redis_url, key) for _ in range(4)
+        )
+    calls = [call for tree in trees for call in tree]
+    assert len(calls) == 4 * (1 + 6 + 6 * 3)
+    outer = {pid for depth, pid in calls if depth == 2}
+    assert len(outer) == 2  # both processes ran outer calls: none was free
+    assert os.getpid() not in {pid for _, pid in calls}  # a plain client runs nothing
+    # The queue entries of the batches their own processes ran are taken and skipped
+    # (acknowledged, no traceback); no call ran twice.
+    wait_until_idle(app, cpu_worker, names.CPU_QUEUE)
+    assert redis_client.llen(key) == len(calls)
+    assert log.read_text().count(SKIPPED_HELD) > skipped_before
+
+
+def test_the_nested_default_backend_is_joblibs_own_choice(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    # joblib's test_nested_parallelism_limit: threads in the worker, sequential below.
+    with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
+        levels = nested_work.backend_levels()
+    assert levels == [
+        ("ClusterBackend", 0),
+        ("ThreadingBackend", 1),
+        ("SequentialBackend", 2),
+        ("SequentialBackend", 2),
+    ]
+
+
+@pytest.mark.timeout(90)
+def test_a_long_map_whose_function_nests_joblib_completes_without_a_time_limit(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    widths, items = (4, 2), 60
+    started = time.monotonic()
+    with ClusterExecutor(settings=redis_server) as executor:
+        totals = list(executor.map(nested_work.tree_sum, [widths] * items, range(items)))
+    assert totals == [nested_work.expected_tree_sum(widths, i) for i in range(items)]
+    # Far below the workers' soft time limit, which a deadlocked call would reach.
+    assert redis_server.soft_time_limit is not None
+    assert time.monotonic() - started < redis_server.soft_time_limit / 2
 
 
 @pytest.mark.parametrize("first", ["generator", "generator_unordered"])
