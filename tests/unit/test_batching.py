@@ -179,3 +179,21 @@ def test_a_burst_ends_at_a_map_behind_it() -> None:
         assert carved is not None
         sizes.append(len(carved[1]))
     assert sizes == [10]  # the map is sized on its own
+
+
+def test_a_batch_holds_the_calls_of_one_owner() -> None:
+    # Two joblib Parallel calls submitting at once: each batch can be stopped with its call.
+    sizer = BatchSizer()
+    sizer.observe(len, calls=1000, seconds=0.001)
+    first, second = _submitted(3), _submitted(3)
+    for call in first:
+        call.owner = "first"
+    for call in second[:2]:
+        call.owner = "second"
+    pending: deque[Submitted | MapJob] = deque([*first[:2], *second[:2], first[2], second[2]])
+    owners = []
+    while pending:
+        carved = carve(pending, sizer, 2)
+        assert carved is not None
+        owners.append((carved[0].owner, len(carved[1])))
+    assert owners == [("first", 2), ("second", 2), ("first", 1), ("", 1)]
