@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from celery import current_task
+from celery.app.task import Context
 
 from taskstack.client.batching import InFlight
 
@@ -36,16 +37,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _local = threading.local()
-"""``helping`` is set in the threads that run batches while their process waits."""
+"""``origin`` is set in the threads that run batches while their process waits: the
+request of the Celery task their process runs (what the worker's metrics label by)."""
 
 
 def in_cluster_call() -> bool:
     """Whether this thread runs a call of the cluster: a Celery task's body, or a batch
     its process took while waiting on it."""
-    # current_task is a proxy: what it stands for is None outside a task.
-    return bool(getattr(_local, "helping", False)) or (
-        current_task._get_current_object() is not None
-    )
+    return _origin() is not None
+
+
+def _origin() -> Context | None:
+    origin: Context | None = getattr(_local, "origin", None)
+    if origin is None:
+        task = current_task._get_current_object()  # a proxy: None outside a task
+        origin = None if task is None else task.request
+    return origin
 
 
 def next_batch(dispatcher: Dispatcher) -> InFlight | None:
@@ -67,6 +74,7 @@ class Helper:
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
+        self.origin = _origin()
         self.stopped = False
         self.thread = threading.Thread(target=self.run, name="taskstack-helper", daemon=True)
 
@@ -86,7 +94,7 @@ class Helper:
             d._cv.notify_all()
 
     def run(self) -> None:
-        _local.helping = True
+        _local.origin = self.origin
         d = self.dispatcher
         while True:
             with d._cv:
@@ -104,7 +112,7 @@ class Helper:
                 from taskstack.worker.own import run_here
 
                 assert message is not None
-                run_here(d.app.conf, batch.id, message)
+                run_here(d.app.conf, batch.id, message, self.origin)
             except Exception:  # its client was told; this thread goes on with the next
                 logger.exception("batch %s failed as a whole in this process", batch.id)
             except BaseException:  # this process is being stopped

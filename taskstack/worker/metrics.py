@@ -29,6 +29,7 @@ from operator import itemgetter
 from typing import Any
 
 from celery import Task
+from celery.app.task import Context
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from taskstack import names
@@ -108,10 +109,18 @@ def record_batch(
     task: Task, calls: names.Batch, outcomes: list[names.Outcome], seconds: float
 ) -> None:
     """Count one batch's items by function and outcome, and its duration; never raises."""
+    record_run(task.request, calls, outcomes, seconds)
+
+
+def record_run(
+    request: Context, calls: names.Batch, outcomes: list[names.Outcome], seconds: float
+) -> None:
+    """:func:`record_batch` for a batch run beside the task of ``request`` (by the process
+    that sent it, while that task waited), counted as that task's worker's."""
     if _metrics is None:
         return
     with _never_raises():
-        queue, worker = _labels(task)
+        queue, worker = _labels(request)
         tally: Tally[tuple[str, str]] = Tally()
         runs: Tally[str] = Tally()
         # Counted by function and success in C (a map's batch holds thousands of calls of
@@ -152,7 +161,7 @@ def record_skipped(task: Task, calls: names.Batch) -> None:
     if _metrics is None:
         return
     with _never_raises():
-        queue, worker = _labels(task)
+        queue, worker = _labels(task.request)
         by_id = {id(fn): fn for fn in map(itemgetter(0), calls)}
         for key, count in Tally(id(fn) for fn, *_ in calls).items():
             fn = by_id[key]
@@ -161,10 +170,10 @@ def record_skipped(task: Task, calls: names.Batch) -> None:
             )
 
 
-def _labels(task: Task) -> tuple[str, str]:
-    """The ``queue`` and ``worker`` labels of the batch ``task`` runs."""
-    queue = str((task.request.delivery_info or {}).get("routing_key") or "unknown")
-    return queue, str(task.request.hostname or "unknown")
+def _labels(request: Context) -> tuple[str, str]:
+    """The ``queue`` and ``worker`` labels of the batch a task runs, from its request."""
+    queue = str((request.delivery_info or {}).get("routing_key") or "unknown")
+    return queue, str(request.hostname or "unknown")
 
 
 @contextmanager

@@ -14,15 +14,18 @@ import contextlib
 from typing import Any
 
 import redis
+from celery.app.task import Context
 
 from taskstack import claims, names
 from taskstack.connections import shared
+from taskstack.worker import metrics
 from taskstack.worker.runner import BatchRun, open_batch, reply_failed
 
 
-def run_here(conf: Any, batch_id: str, message: dict[str, Any]) -> bool:
+def run_here(conf: Any, batch_id: str, message: dict[str, Any], origin: Context | None) -> bool:
     """Run, in this process, a batch this process sent and waits for, unless a worker
-    started it first (False); ``message`` is the batch task's keyword arguments.
+    started it first (False); ``message`` is the batch task's keyword arguments, and
+    ``origin`` the request of the task this process runs (its items count as its worker's).
 
     Its claim makes the batch's queue entry a no-op for the worker that takes it
     later, and its replies go to the reply list as a worker's would. A batch that
@@ -41,6 +44,8 @@ def run_here(conf: Any, batch_id: str, message: dict[str, Any]) -> bool:
         )
         run = BatchRun(client, signer, batch_id, reply_to, stop_keys, 0)
         outcomes = run.calls(calls, setup, claims.cancelled_calls(cancelled))
+        if origin is not None:
+            metrics.record_run(origin, calls, outcomes, run.seconds)
         run.end(outcomes, len(calls))
     except BaseException as exc:
         with contextlib.suppress(redis.RedisError):  # else its client waits for nothing

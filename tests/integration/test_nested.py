@@ -18,7 +18,7 @@ from joblib import Parallel, delayed
 from taskstack import JOBLIB_BACKEND, ClusterExecutor, names
 from taskstack.settings import Settings
 from tests.integration import contract_work, nested_work
-from tests.support import Worker, wait_for, wait_until_idle
+from tests.support import Worker, wait_for, wait_until_idle, worker_metric
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -63,6 +63,18 @@ def test_each_nested_call_runs_once_and_the_skipped_queue_entries_are_acknowledg
     wait_until_idle(app, cpu_worker, names.CPU_QUEUE)
     assert redis_client.llen(key) == len(calls)
     assert log.read_text().count(SKIPPED_HELD) > skipped_before
+    # Each call counts once in the item metrics, as its worker's, wherever its process ran it.
+    function = f"{nested_work.tree_calls.__module__}.{nested_work.tree_calls.__qualname__}"
+    wait_for(
+        lambda: (
+            worker_metric(
+                cpu_worker, "taskstack_items_total", function=function, outcome="ok", queue="cpu"
+            )
+            == len(calls)
+        ),
+        20,
+        f"the worker to count {len(calls)} items of {function}",
+    )
 
 
 def test_the_nested_default_backend_is_joblibs_own_choice(
