@@ -104,7 +104,7 @@ class Dispatcher:
         self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], owner: str = ""
     ) -> ClusterFuture[R]:
         future: ClusterFuture[R] = ClusterFuture()
-        future._on_cancel = self._cancel_call
+        future._dispatcher = self
         self._enqueue(Submitted(fn, args, kwargs or None, future, owner))
         return future
 

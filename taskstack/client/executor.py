@@ -16,6 +16,7 @@ from taskstack.app import create_app
 from taskstack.client.batching import BatchSizer
 from taskstack.client.dispatch import Dispatcher
 from taskstack.client.futures import ClusterFuture
+from taskstack.client.helping import waiting
 from taskstack.client.results import MapJob, Results, map_job
 from taskstack.settings import Settings
 
@@ -150,13 +151,14 @@ class ClusterExecutor(Executor):
             bar = tqdm(total=job.total, disable=not progress, unit="item")
             stream = Results(job, in_order, bar.update)
             try:
-                while True:
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    try:
-                        value = stream.next(left)
-                    except StopIteration:
-                        return
-                    yield value
+                with waiting(self._dispatcher, False):  # a cluster call runs its own batches
+                    while True:
+                        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                        try:
+                            value = stream.next(left)
+                        except StopIteration:
+                            return
+                        yield value
             finally:
                 bar.close()
                 self._dispatcher.cancel_job(job)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
+from taskstack.client.helping import waiting
 from taskstack.errors import SignatureError, with_remote_traceback
 
 R = TypeVar("R")
@@ -19,17 +19,28 @@ class ClusterFuture(Future[R], Generic[R]):
 
     As with the standard library, ``cancel()`` returns True only for a call that
     will never run: before it is sent, or once sent, if the cluster confirms
-    that no worker has started its batch (the worker then skips the call).
+    that no worker has started its batch (the worker then skips the call). A call
+    of the cluster that waits on one (``result()``, ``exception()``) runs its own
+    process's batches that no worker started meanwhile (:mod:`taskstack.client.helping`).
     """
 
-    _on_cancel: Callable[[ClusterFuture[Any]], bool] | None = None
+    _dispatcher: Any = None
+    """The dispatcher that sends it, which cancels sent calls and runs unstarted ones."""
     _batch: Any = None
     _index: int = 0
 
     def cancel(self) -> bool:
-        if self._on_cancel is not None:
-            return self._on_cancel(self)
+        if self._dispatcher is not None:
+            return bool(self._dispatcher._cancel_call(self))
         return cancel_now(self)
+
+    def result(self, timeout: float | None = None) -> R:
+        with waiting(self._dispatcher, self.done()):
+            return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        with waiting(self._dispatcher, self.done()):
+            return super().exception(timeout)
 
 
 def cancel_now(future: Future[Any]) -> bool:

@@ -5,7 +5,8 @@ batches queued behind its own parent: when every worker process runs such a
 parent, none is free to run them, and all wait until their time limit. As
 Dask's ``secede``/``rejoin`` and a fork-join pool's waiting thread do, the
 waiting process lends itself to its own work instead: while a thread of a
-cluster call waits (:class:`Helper`, around joblib's retrieval), a thread of
+cluster call waits (:class:`Helper`, around joblib's retrieval, a future's
+``result()`` and an executor's map), a thread of
 its process takes the newest of the process's batches that no worker has
 started, claims it through the same Lua step a worker takes
 (:func:`taskstack.claims.take`: a batch runs once, and the worker that later
@@ -21,17 +22,18 @@ other processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from celery import current_task
 from celery.app.task import Context
 
-from taskstack.client.batching import InFlight
-
 if TYPE_CHECKING:
+    from taskstack.client.batching import InFlight
     from taskstack.client.dispatch import Dispatcher
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,14 @@ def _origin() -> Context | None:
         task = current_task._get_current_object()  # a proxy: None outside a task
         origin = None if task is None else task.request
     return origin
+
+
+def waiting(dispatcher: Dispatcher | None, done: bool) -> AbstractContextManager[object]:
+    """Around a wait on ``dispatcher``'s work: a :class:`Helper` if this thread runs a
+    call of the cluster and the wait is not over yet."""
+    if dispatcher is None or done or not in_cluster_call():
+        return contextlib.nullcontext()
+    return Helper(dispatcher)
 
 
 def next_batch(dispatcher: Dispatcher) -> InFlight | None:

@@ -8,7 +8,7 @@ import joblib
 import redis
 from joblib import Parallel, delayed
 
-from taskstack import JOBLIB_BACKEND
+from taskstack import JOBLIB_BACKEND, ClusterExecutor
 
 
 def tree_sum(widths: tuple[int, ...], base: int) -> int:
@@ -57,3 +57,16 @@ def tree_calls(widths: tuple[int, ...], redis_url: str, key: str) -> list[tuple[
             delayed(tree_calls)(widths[1:], redis_url, key) for _ in range(widths[0])
         )
     return here + [call for part in parts for call in part]
+
+
+def submit_sum(n: int) -> int:
+    """The sum of ``n`` calls submitted to the cluster from a call running there."""
+    with ClusterExecutor() as executor:
+        futures = [executor.submit(abs, -i) for i in range(1, n + 1)]
+        return sum(future.result() for future in futures)
+
+
+def map_sum(n: int) -> int:
+    """The sum of a map over the cluster from a call running there."""
+    with ClusterExecutor() as executor:
+        return sum(executor.map(abs, range(-n, 0), chunksize=1))

@@ -8,6 +8,7 @@ import math
 import os
 import time
 import weakref
+from collections.abc import Callable
 
 import joblib
 import pytest
@@ -100,9 +101,24 @@ def test_a_long_map_whose_function_nests_joblib_completes_without_a_time_limit(
     with ClusterExecutor(settings=redis_server) as executor:
         totals = list(executor.map(nested_work.tree_sum, [widths] * items, range(items)))
     assert totals == [nested_work.expected_tree_sum(widths, i) for i in range(items)]
-    # Far below the workers' soft time limit, which a deadlocked call would reach.
+    # Within the workers' soft time limit, which a deadlocked call would reach (and fail
+    # with SoftTimeLimitExceeded); about 4 s here.
     assert redis_server.soft_time_limit is not None
-    assert time.monotonic() - started < redis_server.soft_time_limit / 2
+    assert time.monotonic() - started < redis_server.soft_time_limit
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("nested", [nested_work.submit_sum, nested_work.map_sum])
+def test_a_call_that_waits_on_its_own_executor_calls_completes_with_every_process_busy(
+    redis_server: Settings, cpu_worker: Worker, nested: Callable[[int], int]
+) -> None:
+    # The same fork-join for futures and maps: 4 calls on the 2 processes, each waiting
+    # on 6 calls it sent to the same queue.
+    started = time.monotonic()
+    with ClusterExecutor(settings=redis_server) as executor:
+        totals = list(executor.map(nested, [6] * 4, chunksize=2))
+    assert totals == [sum(range(1, 7))] * 4
+    assert time.monotonic() - started < 15
 
 
 @pytest.mark.parametrize("first", ["generator", "generator_unordered"])
