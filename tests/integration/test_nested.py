@@ -28,13 +28,14 @@ SKIPPED_HELD = "run by the process that sent it, while it waited; skipped"
 
 
 @pytest.mark.timeout(40)
-def test_nested_parallel_three_levels_deep_completes_with_every_process_busy(
-    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis, app: Celery
+@pytest.mark.parametrize("widths", [(6, 3), (2, 2, 2, 2)], ids=["3-levels", "5-levels"])
+def test_nested_parallel_completes_at_any_depth_with_every_process_busy(
+    redis_server: Settings, cpu_worker: Worker, widths: tuple[int, ...]
 ) -> None:
     # The repro, a level deeper: 4 outer calls on the 2 processes, each a Parallel
-    # of 6 calls, each a Parallel of 3. Every process runs an outer call that waits for
-    # calls queued behind the other outer calls. Without the fork-join it never finishes.
-    widths = (6, 3)
+    # of 6 calls, each a Parallel of 3 (and five levels of two). Every process runs an
+    # outer call that waits for calls queued behind the other outer calls. Without the
+    # fork-join it never finishes.
     started = time.monotonic()
     with joblib.parallel_config(backend=JOBLIB_BACKEND, settings=redis_server):
         totals = Parallel(n_jobs=2)(delayed(nested_work.tree_sum)(widths, i) for i in range(4))
