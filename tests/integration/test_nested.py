@@ -8,7 +8,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import joblib
 import pytest
@@ -25,6 +25,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 SKIPPED_HELD = "run by the process that sent it, while it waited; skipped"
 """What a worker logs for the queue entry of a batch its own client ran."""
+
+
+@pytest.fixture(autouse=True)
+def idle_after(app: Celery, cpu_worker: Worker) -> Iterator[None]:
+    """Leave the worker idle for the next test: the queue entries of the batches their
+    own processes ran are still to be taken and skipped when a test ends."""
+    yield
+    wait_until_idle(app, cpu_worker, names.CPU_QUEUE)
 
 
 @pytest.mark.timeout(40)
