@@ -19,9 +19,9 @@ all the same: an aborted ``Parallel`` (an exception, Ctrl-C, a generator
 abandoned unconsumed) stops its own calls on the workers, and no other's
 (:mod:`taskstack.client.parallel_calls`). A ``Parallel`` nested in a call
 that runs on the cluster runs on threads of its worker process, as joblib's
-process backends do; one that asks for this backend runs on the cluster, its
-process running its own batches while no worker is free
-(:mod:`taskstack.client.helping`).
+process backends do; one that asks for this backend runs on the cluster, and
+its process runs its own batches that no worker started while it waits for
+them (:mod:`taskstack.client.helping`), so that nesting never deadlocks.
 """
 
 from __future__ import annotations
