@@ -38,6 +38,7 @@ def cancel_now(future: Future[Any]) -> bool:
         return True
     if not Future.cancel(future):
         return False
+    _release(future)
     # Waiters (wait, as_completed) learn of a cancellation only through this call,
     # which the first of several cancel() calls makes.
     with contextlib.suppress(RuntimeError):
@@ -47,8 +48,16 @@ def cancel_now(future: Future[Any]) -> bool:
 
 def fail(future: Future[Any], exc: BaseException) -> None:
     """Settle ``future`` with ``exc`` unless it already settled."""
+    _release(future)
     with contextlib.suppress(InvalidStateError):
         future.set_exception(exc)
+
+
+def _release(future: Future[Any]) -> None:
+    """A settled future forgets its batch, which holds the call's function and arguments:
+    as with the standard library, they are freed once the result is in."""
+    if isinstance(future, ClusterFuture):
+        future._batch = None
 
 
 def mark_running(future: Future[Any]) -> None:
@@ -59,6 +68,7 @@ def mark_running(future: Future[Any]) -> None:
 
 def settle(future: Future[Any], ok: bool, value: Any) -> None:
     """Set an outcome ``(ok, value)`` on ``future``, unless it was cancelled meanwhile."""
+    _release(future)
     try:
         if ok:
             future.set_result(value)
