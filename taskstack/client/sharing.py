@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import cloudpickle
 import redis
 
+from taskstack import sources
 from taskstack.client.uploads import Uploads
 from taskstack.errors import PayloadTooLarge
 from taskstack.settings import Settings
@@ -165,7 +165,7 @@ class SharedStore:
 
         token = STORING.set(lambda handle: self._put_handle(handle, memo))
         try:
-            pickled: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+            pickled = sources.dumps(obj, buffer_callback=out_of_band)
         finally:
             STORING.reset(token)
         return frame(self.owner, refs, pickled) if refs else pickled
