@@ -10,7 +10,6 @@ worker's traceback exactly as a local traceback prints it, source line included.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from taskstack.settings import Settings
-from tests.support import ROOT, Worker, settings_env
+from tests.support import Worker, run, settings_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -77,16 +76,7 @@ def test_remote_frames_of_code_sent_by_value_read_as_local_ones(
 ) -> None:
     script = tmp_path / "client_script.py"
     script.write_text(textwrap.dedent(CLIENT))
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=ROOT,
-        env=settings_env(redis_server),
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout)
+    seen = json.loads(run([sys.executable, str(script)], settings_env(redis_server)))
     assert set(seen) == {"main", "classmethod", "cell", "pool"}
     for name, case in seen.items():
         assert len(case["local"]) >= 1, name
