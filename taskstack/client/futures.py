@@ -54,10 +54,20 @@ def fail(future: Future[Any], exc: BaseException) -> None:
 
 
 def _release(future: Future[Any]) -> None:
-    """A settled future forgets its batch, which holds the call's function and arguments:
-    as with the standard library, they are freed once the result is in."""
-    if isinstance(future, ClusterFuture):
-        future._batch = None
+    """As with the standard library, a call's function and arguments are freed once its
+    result is in: its future forgets its batch, and the batch, which may wait for other
+    calls' results, forgets them."""
+    if not isinstance(future, ClusterFuture) or future._batch is None:
+        return
+    batch, future._batch = future._batch, None
+    calls = batch.calls
+    if future._index < len(calls) and calls[future._index].future is future:
+        call = calls[future._index]
+        call.fn, call.args, call.kwargs = _settled, (), None
+
+
+def _settled() -> None:
+    """What a settled call's function became: nothing runs it again."""
 
 
 def mark_running(future: Future[Any]) -> None:
