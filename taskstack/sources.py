@@ -83,7 +83,14 @@ def dumps(obj: object, buffer_callback: Any = None) -> bytes:
 
 
 def register(filename: str, first: int, text: str) -> str:
-    """Put ``text`` at line ``first`` of ``filename`` in linecache; the file name."""
+    """Put ``text`` at line ``first`` of ``filename`` in linecache; the file name.
+
+    A file this process can read itself (a module deployed on the workers too) is
+    left to linecache, as for code sent by reference: a partial entry would hide
+    its other lines from the tracebacks of that code.
+    """
+    if filename not in _registered and linecache.getlines(filename):
+        return filename
     lines = text.splitlines(keepends=True)
     lines[-1] = lines[-1] if lines[-1].endswith("\n") else lines[-1] + "\n"
     entry = linecache.cache.get(filename)

@@ -22,9 +22,15 @@ from tests.support import Worker, run, settings_env
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 CLIENT = """
-import json, linecache, traceback
+import json, linecache, os, traceback
 
 from taskstack import ClusterExecutor, Pool, RemoteTraceback
+
+# As a client on another host than the workers': they cannot read this file. Its lines
+# stay in this process's linecache, as a notebook's cells do.
+LINES = linecache.getlines(__file__)
+linecache.cache[__file__] = (sum(map(len, LINES)), None, LINES, __file__)
+os.remove(__file__)
 
 
 def check(x):

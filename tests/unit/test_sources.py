@@ -64,3 +64,9 @@ def test_a_worker_process_keeps_the_lines_of_a_bounded_number_of_files(
     assert linecache.getlines(names[2]) == ["\n", "x = 1\n"]
     for name in names[1:]:
         linecache.cache.pop(name, None)
+
+
+def test_a_file_the_worker_can_read_is_left_to_linecache() -> None:
+    here = linecache.getlines(__file__)
+    assert sources.register(__file__, 1, "not this file's first line\n") == __file__
+    assert linecache.getlines(__file__) == here
