@@ -11,9 +11,11 @@ the last ones are sized from when each process is expected to be free
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import time
+import types
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -222,14 +224,19 @@ class InFlight:
 
 
 def cost_key(fn: Callable[..., Any]) -> object:
+    """What calls of ``fn`` cost alike by: its code, never ``fn`` itself, which the
+    sizer's keys (kept for good) would keep alive with its instance or arguments."""
     inner = joblib_items(fn)
     if inner:
         return ItemsKey(cost_key(inner[0][0]), len(inner))
-    try:
-        hash(fn)
-    except TypeError:
-        return id(fn)
-    return fn
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if isinstance(code, types.CodeType):
+        return code
+    # A builtin, a class, a ufunc, a callable instance: named, not held (list.append's list).
+    names = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
+    return type(fn), *(name if isinstance(name, str) else None for name in names)
 
 
 def joblib_items(fn: object) -> list[Any] | None:

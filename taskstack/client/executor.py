@@ -155,10 +155,11 @@ class ClusterExecutor(Executor):
                     while True:
                         left = None if deadline is None else max(0.0, deadline - time.monotonic())
                         try:
-                            value = stream.next(left)
+                            # Yielded without a name: the frame keeps no result alive once it
+                            # is handed out, as the standard library's map.
+                            yield stream.next(left)
                         except StopIteration:
                             return
-                        yield value
             finally:
                 bar.close()
                 self._dispatcher.cancel_job(job)

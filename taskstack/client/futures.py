@@ -49,6 +49,7 @@ def cancel_now(future: Future[Any]) -> bool:
         return True
     if not Future.cancel(future):
         return False
+    _release(future)
     # Waiters (wait, as_completed) learn of a cancellation only through this call,
     # which the first of several cancel() calls makes.
     with contextlib.suppress(RuntimeError):
@@ -58,8 +59,26 @@ def cancel_now(future: Future[Any]) -> bool:
 
 def fail(future: Future[Any], exc: BaseException) -> None:
     """Settle ``future`` with ``exc`` unless it already settled."""
+    _release(future)
     with contextlib.suppress(InvalidStateError):
         future.set_exception(exc)
+
+
+def _release(future: Future[Any]) -> None:
+    """As with the standard library, a call's function and arguments are freed once its
+    result is in: its future forgets its batch, and the batch, which may wait for other
+    calls' results, forgets them."""
+    if not isinstance(future, ClusterFuture) or future._batch is None:
+        return
+    batch, future._batch = future._batch, None
+    calls = batch.calls
+    if future._index < len(calls) and calls[future._index].future is future:
+        call = calls[future._index]
+        call.fn, call.args, call.kwargs = _settled, (), None
+
+
+def _settled() -> None:
+    """What a settled call's function became: nothing runs it again."""
 
 
 def mark_running(future: Future[Any]) -> None:
@@ -70,6 +89,7 @@ def mark_running(future: Future[Any]) -> None:
 
 def settle(future: Future[Any], ok: bool, value: Any) -> None:
     """Set an outcome ``(ok, value)`` on ``future``, unless it was cancelled meanwhile."""
+    _release(future)
     try:
         if ok:
             future.set_result(value)

@@ -6,7 +6,9 @@ client settles that call's future or map position with the error pickling
 raised here (``TypeError: cannot pickle '_thread.lock' object``), as the
 standard library's pools do, whatever the stand-in's outcome. Code pickled by value (functions from ``__main__``,
 lambdas, closures) loads only on the Python minor version that pickled it:
-such a batch is refused before it is sent when the workers run another one.
+such a batch is refused before it is sent when the workers run another one;
+it carries its source lines, so that remote tracebacks show them
+(:mod:`taskstack.sources`).
 Big buffers and :func:`taskstack.share` handles leave the batch through the
 client's :class:`~taskstack.client.sharing.SharedStore`, so ``MAX_PAYLOAD_BYTES``
 bounds what remains.
@@ -21,7 +23,7 @@ from typing import Final, NamedTuple
 import cloudpickle
 import redis
 
-from taskstack import names
+from taskstack import names, sources
 from taskstack.client.sharing import Memo, SharedStore
 from taskstack.errors import PayloadTooLarge, VersionMismatch, raise_error
 from taskstack.signing import Signer
@@ -58,7 +60,7 @@ def pack(
 
     def dumps(request: names.Request) -> bytes:
         if store is None:
-            return signer.dumps(request)
+            return signer.sign(sources.dumps(request))
         return store.dumps(signer, request, memo if memo is not None else Memo())
 
     unpicklable: dict[int, Exception] = {}

@@ -14,7 +14,8 @@ from celery import Celery
 
 from taskstack import names
 from taskstack.client.executor import ClusterExecutor
-from taskstack.client.results import MapJob, Results, map_job
+from taskstack.client.futures import fail
+from taskstack.client.results import MapJob, Results, collect, map_job
 from taskstack.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -225,13 +226,17 @@ class Pool:
         job = self._dispatcher.map(map_job(func, iterables, chunksize, lazy=False))
         future: Future[list[Any]] = Future()
         future.set_running_or_notify_cancel()
+        ran: Future[None] = self._track(Future())  # join() waits for every item, failed or not
 
         def gather() -> None:
             try:
-                future.set_result(list(Results(job, in_order=True)))
+                values = collect(job, lambda exc: fail(future, exc))
+                if not future.done():
+                    future.set_result(values)
             except BaseException as exc:
-                self._dispatcher.cancel_job(job)
-                future.set_exception(exc)
+                fail(future, exc)
+            finally:
+                ran.set_result(None)
 
         threading.Thread(target=gather, name="taskstack-map-async", daemon=True).start()
         return AsyncResult(self._track(future), callback, error_callback)

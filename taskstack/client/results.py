@@ -63,6 +63,9 @@ class MapJob:
                     self.ahead.append(item)
         except Exception as exc:
             self.input_error = exc
+            if self.chunksize:  # as multiprocessing: the chunk the input broke in fails whole
+                for _ in range((self.sent + len(self.ahead)) % self.chunksize):
+                    self.ahead.pop()
             self._end()
 
     @property
@@ -180,8 +183,37 @@ def _next_chunk(job: MapJob, deadline: float | None) -> Event:
     return first, outcomes
 
 
+def collect(job: MapJob, failed: Callable[[BaseException], object]) -> list[Any]:
+    """Every result of ``job`` (its input read at once), in input order.
+
+    As ``multiprocessing.Pool.map_async``: the first failure to arrive, in any
+    position, is passed to ``failed`` at once, and the map runs on to its end
+    (the values are dropped then); what ends the whole map (terminate, a lost
+    broker) is raised.
+    """
+    total = job.total or 0
+    values: list[Any] = [None] * total
+    received = 0
+    while received < total:
+        first, outcomes = _next_chunk(job, None)
+        if first == END:
+            continue
+        received += len(outcomes)
+        for position, (ok, value) in enumerate(outcomes, first):
+            if ok and values:
+                values[position] = value
+            elif not ok and values:
+                values = []
+                failed(_exception(value))
+    return values
+
+
+def _exception(value: tuple[BaseException, str]) -> BaseException:
+    exc, tb = value
+    return with_remote_traceback(exc, tb) if tb else exc
+
+
 def _unwrap(ok: bool, value: Any) -> Any:
     if ok:
         return value
-    exc, tb = value
-    raise with_remote_traceback(exc, tb) if tb else exc
+    raise _exception(value)

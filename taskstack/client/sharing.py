@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import pickle
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import cloudpickle
 import redis
 
+from taskstack import sources
 from taskstack.client.uploads import Uploads
 from taskstack.errors import PayloadTooLarge
 from taskstack.settings import Settings
@@ -57,11 +59,29 @@ LARGEST_BUFFER: Final = 512 * 1024 * 1024
 
 @dataclass
 class Memo:
-    """Digests of the buffers already stored, by owning object, for one map or burst."""
+    """Digests of the buffers already stored, by owning object, for one map or burst.
+
+    An owner is held weakly where it can be (a NumPy array): the memo outlives
+    the calls that passed it, and must not keep a big argument alive after its
+    result is in. An entry counts only while its owner is the same object.
+    """
 
     refs: dict[tuple[int, int], Ref] = field(default_factory=dict)
-    owners: list[object] = field(default_factory=list)
-    """Kept alive while the memo lives, so that no other object takes their ids."""
+    owners: dict[int, Any] = field(default_factory=dict)
+    """By id: a weak reference to the owner, or the owner itself if it takes none."""
+
+    def get(self, owner: object, nbytes: int) -> Ref | None:
+        held = self.owners.get(id(owner))
+        if (held() if isinstance(held, weakref.ref) else held) is not owner:
+            return None
+        return self.refs.get((id(owner), nbytes))
+
+    def put(self, owner: object, nbytes: int, ref: Ref) -> None:
+        try:
+            self.owners[id(owner)] = weakref.ref(owner)
+        except TypeError:  # bytes, bytearray: kept, so that no other object takes the id
+            self.owners[id(owner)] = owner
+        self.refs[(id(owner), nbytes)] = ref
 
 
 class SharedStore:
@@ -145,7 +165,7 @@ class SharedStore:
 
         token = STORING.set(lambda handle: self._put_handle(handle, memo))
         try:
-            pickled: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+            pickled = sources.dumps(obj, buffer_callback=out_of_band)
         finally:
             STORING.reset(token)
         return frame(self.owner, refs, pickled) if refs else pickled
@@ -161,13 +181,11 @@ class SharedStore:
 
     def _put_buffer(self, view: memoryview, memo: Memo) -> Ref:
         owner = view.obj
-        key = (id(owner), view.nbytes)
-        ref = memo.refs.get(key)
+        ref = memo.get(owner, view.nbytes)
         if ref is not None and self._renew(*ref):
             return ref
         ref = self._put(view)
-        memo.refs[key] = ref
-        memo.owners.append(owner)
+        memo.put(owner, view.nbytes, ref)
         return ref
 
     def _put(self, view: memoryview) -> Ref:
@@ -189,9 +207,11 @@ class SharedStore:
             )
         view = view.cast("B")
         local = self._local_directory()
-        if local is not None and _write(local / digest.hex(), view):
-            # This host's workers map the file; Redis gets a copy once workers elsewhere need it.
-            self.uploads.add(digest, view)
+        path = None if local is None else local / digest.hex()
+        if path is not None and _write(path, view):
+            # This host's workers map the file; Redis gets a copy once workers elsewhere need
+            # it, read from the file: the caller's array is not kept alive until then.
+            self.uploads.add(digest, _mapped(path) or view)
         else:
             self._set(digest, view)
         self._stored[digest] = (size, time.monotonic())
@@ -257,3 +277,13 @@ def _write(path: Path, view: memoryview) -> bool:
         draft.unlink(missing_ok=True)
         return False
     return True
+
+
+def _mapped(path: Path) -> memoryview | None:
+    """``path``'s bytes, mapped read-only (page cache, not this process's memory)."""
+    try:
+        with open(path, "rb") as file:
+            return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+    except (OSError, ValueError) as exc:
+        logger.warning("could not map shared data %s: %s", path, exc)
+        return None

@@ -142,8 +142,10 @@ def pack_outcomes(
     prefix = kind + batch_id.encode()
     try:
         return prefix + sealed.dumps((first, outcomes, *rest))
-    except Exception:
-        safe = [_picklable(signer, outcome) for outcome in outcomes]
+    except BaseException as exc:  # a result's __reduce__ may raise anything, SystemExit too
+        if _ends_batch(exc):
+            raise
+        safe = [_picklable(outcome) for outcome in outcomes]
         return prefix + sealed.dumps((first, safe, *rest))
 
 
@@ -158,9 +160,8 @@ def _rebuildable(outcome: names.Outcome) -> names.Outcome:
     if ok:
         return outcome
     exc, tb = value
-    try:
-        cloudpickle.loads(cloudpickle.dumps(exc))
-    except Exception as problem:
+    problem = _round_trip(exc)
+    if problem is not None:
         return False, (
             RemoteError.describe(exc, f"it cannot be rebuilt from a pickle: {problem}"),
             tb,
@@ -168,15 +169,36 @@ def _rebuildable(outcome: names.Outcome) -> names.Outcome:
     return outcome
 
 
-def _picklable(signer: Signer, outcome: names.Outcome) -> names.Outcome:
+def _round_trip(obj: object, *, load: bool = True) -> BaseException | None:
+    """What pickling ``obj`` (and loading it back) raised, if anything."""
     try:
-        signer.dumps(outcome)
-    except (pickle.PicklingError, TypeError, AttributeError, ValueError, RecursionError) as exc:
-        ok, value = outcome
-        if ok:
-            error: BaseException = TypeError(
-                f"the result of type {type(value).__name__} could not be pickled to send back: {exc}"
-            )
-            return _failure(error)
-        return False, (RemoteError.describe(value[0], f"it cannot be pickled: {exc}"), value[1])
-    return outcome
+        pickled = cloudpickle.dumps(obj)
+        if load:
+            cloudpickle.loads(pickled)
+    except BaseException as problem:
+        if _ends_batch(problem):
+            raise
+        return problem
+    return None
+
+
+def _picklable(outcome: names.Outcome) -> names.Outcome:
+    """``outcome``, or the failure that pickling it raised.
+
+    As ``ProcessPoolExecutor`` does, the error raised while a result is pickled
+    fails that call as itself (``PicklingError``, ``TypeError: cannot pickle ...``,
+    even ``SystemExit``), noted with the result's type; the process goes on.
+    """
+    ok, value = outcome
+    problem = _round_trip(outcome, load=False)
+    if problem is None:
+        return outcome
+    if not ok:
+        return False, (RemoteError.describe(value[0], f"it cannot be pickled: {problem}"), value[1])
+    what = f"raised while the result of type {type(value).__name__} was pickled to send it back"
+    problem.add_note(what)
+    if _round_trip(problem) is None:
+        return _failure(problem)
+    error = pickle.PicklingError(f"{what}: {type(problem).__name__}: {problem}")
+    error.__cause__ = problem
+    return _failure(error)

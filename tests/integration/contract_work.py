@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Iterator
 
@@ -87,3 +88,68 @@ class Box:
 
 def unbox(box: Box) -> int:
     return box.value
+
+
+class MyObject:
+    """As CPython's executor tests' MyObject: a result or argument whose lifetime is watched."""
+
+    def my_method(self) -> None:
+        pass
+
+
+def make_dummy_object(_: object) -> MyObject:
+    return MyObject()
+
+
+def fail_on(bad: int, redis_url: str, key: str, i: int, gate: str = "") -> int:
+    """Item ``i`` of a map: item ``bad`` raises; with a ``gate``, item 0 first waits for
+    it; each item that runs is recorded in ``key``."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=40)
+    if i == 0 and gate:
+        client.blpop([gate], timeout=30)
+    client.rpush(key, i)
+    if i == bad:
+        raise ValueError(f"item {i} failed")
+    return i
+
+
+class ErrorAtPickle:
+    """As CPython's: pickling it raises PicklingError."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise pickle.PicklingError("Error in pickle")
+
+
+class ExitAtPickle:
+    """As CPython's: pickling it exits (SystemExit)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise SystemExit(1)
+
+
+class RuntimeErrorAtPickle:
+    """Pickling it raises RuntimeError (its ``__reduce__`` refuses)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise RuntimeError("refused to pickle")
+
+
+def return_instance(cls: type[object]) -> object:
+    return cls()
+
+
+def worker_pid(_: object = None) -> int:
+    return os.getpid()
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def nap_or_fail(bad: int, redis_url: str, key: str, seconds: float, i: int) -> int:
+    """Record item ``i`` in ``key``, nap, and fail if it is item ``bad``."""
+    redis.Redis.from_url(redis_url).rpush(key, i)
+    time.sleep(seconds)
+    if i == bad:
+        raise ValueError(f"item {i} failed")
+    return i

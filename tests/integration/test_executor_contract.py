@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import CancelledError, wait
+from functools import partial
 
 import joblib
 import pytest
@@ -364,3 +365,33 @@ def test_code_by_value_is_refused_when_a_worker_runs_another_python(
             assert ex.submit(abs, -1).result(timeout=30) == 1  # by reference: fine
     finally:
         redis_client.hdel(beacon, node)
+
+
+# As ProcessPoolExecutor.map: nothing is cancelled while the iterator lives, even past a
+# failed item it has not reached; the failure it raises ends the iteration (the generator
+# is closed) and cancels what has not started, as closing or collecting it does.
+def test_a_map_cancels_its_calls_only_when_its_iterator_ends(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
+) -> None:
+    key = "test:ran:map-failure-alive"
+    redis_client.delete(key)
+    fn = partial(work.fail_on, 1, redis_server.redis_url, key)
+    with ClusterExecutor(settings=redis_server) as ex:
+        results = ex.map(fn, range(10), chunksize=1)
+        assert next(results) == 0
+        wait_for(lambda: redis_client.llen(key) == 10, 30, "every item to run")
+    with pytest.raises(ValueError, match="item 1 failed"):
+        next(results)
+    with pytest.raises(StopIteration):
+        next(results)
+    key = "test:ran:map-failure-raised"
+    redis_client.delete(key)
+    fn = partial(work.nap_or_fail, 1, redis_server.redis_url, key, 0.3)
+    with ClusterExecutor(1, settings=redis_server) as ex:
+        results = ex.map(fn, range(20), chunksize=1)
+        assert next(results) == 0
+        with pytest.raises(ValueError, match="item 1 failed"):
+            next(results)
+        with pytest.raises(StopIteration):
+            next(results)
+    assert redis_client.llen(key) <= 4  # those running or sent as item 1 failed

@@ -8,8 +8,10 @@ import multiprocessing
 import time
 import weakref
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
+import redis
 
 from taskstack import Pool, Terminated
 from taskstack.settings import Settings
@@ -101,3 +103,60 @@ def test_inputs_and_results_are_not_kept_alive_once_consumed(pool: Pool) -> None
     gc.collect()
     assert len(watched) == 300
     assert [ref for ref in watched if ref() is not None] == []
+
+
+# A failed map runs its other items (CPython's test_map_no_failfast): its result fails as
+# soon as the failure arrives, and close(); join() waits for the rest, which all run.
+def test_a_failed_map_fails_at_once_and_still_runs_its_other_items(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
+) -> None:
+    key, gate = "test:ran:no-failfast", "test:gate:no-failfast"
+    redis_client.delete(key, gate)
+    pool = Pool(settings=redis_server)
+    try:
+        errors: list[BaseException] = []
+        fn = partial(work.fail_on, 3, redis_server.redis_url, key, gate=gate)
+        result = pool.map_async(fn, range(8), chunksize=1, error_callback=errors.append)
+        # Item 0 waits for the gate: the failure of item 3 comes first, and fails the map.
+        with pytest.raises(ValueError, match="item 3 failed"):
+            result.get(timeout=30)
+        assert result.ready() and not result.successful()
+        assert [type(e) for e in errors] == [ValueError]
+        assert b"0" not in redis_client.lrange(key, 0, -1)
+        redis_client.rpush(gate, "go")
+        pool.close()
+        pool.join()
+        assert sorted(int(v) for v in redis_client.lrange(key, 0, -1)) == list(range(8))
+    finally:
+        pool.terminate()
+
+
+def test_a_failed_synchronous_map_runs_its_other_items(
+    redis_server: Settings, cpu_worker: Worker, redis_client: redis.Redis
+) -> None:
+    key = "test:ran:no-failfast-sync"
+    redis_client.delete(key)
+    with Pool(settings=redis_server) as pool:
+        fn = partial(work.fail_on, 1, redis_server.redis_url, key)
+        with pytest.raises(ValueError, match="item 1 failed"):
+            pool.map(fn, range(12), chunksize=2)
+        pool.close()
+        pool.join()
+    assert sorted(int(v) for v in redis_client.lrange(key, 0, -1)) == list(range(12))
+
+
+# multiprocessing fails the whole chunk its input broke in (CPython's
+# test_imap_handle_iterable_exception): none of that chunk's items is run.
+def test_an_input_error_fails_the_whole_chunk_it_broke_in(pool: Pool) -> None:
+    for chunksize, before in ((1, 7), (2, 6), (4, 4), (None, 7)):
+        results = pool.imap(work.square, work.numbers_then_error(7), chunksize)
+        for i in range(before):
+            assert results.next(timeout=30) == i * i
+        with pytest.raises(ValueError, match="the input broke"):
+            results.next(timeout=30)
+    unordered = pool.imap_unordered(work.square, work.numbers_then_error(7), 2)
+    seen = []
+    with pytest.raises(ValueError, match="the input broke"):
+        for value in unordered:
+            seen.append(value)
+    assert sorted(seen) == [i * i for i in range(6)]

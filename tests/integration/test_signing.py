@@ -99,12 +99,13 @@ def test_a_batch_still_queued_at_its_deadline_is_refused_unopened(
     with ClusterExecutor(settings=replace(redis_server, batch_expires=1.0)) as late:
         future = late.submit(repr, tripwire)
         assert late._dispatcher._sender.wait_sent(future, timeout=10)
+        batch_id = future._batch.id  # a settled future forgets its batch
         sent = time.time()
         wait_for(lambda: time.time() > sent + 1.1, 5, "the batch's deadline to pass")
         redis_client.rpush(gate, "go", "go")
         with pytest.raises(SignatureError, match=r"refused the batch: expired: its deadline"):
             future.result(timeout=RESULT_TIMEOUT)
-        assert wait_for(lambda: refusal(cpu_worker, future._batch.id, "expired"), 10, "the log")
+        assert wait_for(lambda: refusal(cpu_worker, batch_id, "expired"), 10, "the log")
     assert [f.result(timeout=RESULT_TIMEOUT) for f in held] == ["released", "released"]
     assert not tripwire.fired
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Any
 
 import pytest
 
-from taskstack.client.batching import BatchSizer, InFlight, ItemsKey, Submitted, carve
+from taskstack.client.batching import BatchSizer, InFlight, ItemsKey, Submitted, carve, cost_key
 from taskstack.client.futures import ClusterFuture
 from taskstack.client.results import MapJob
 
@@ -152,7 +153,7 @@ def _submitted(count: int) -> list[Submitted]:
 
 def test_a_burst_of_cheap_submits_goes_in_as_few_batches_as_its_work_is_worth() -> None:
     sizer = BatchSizer()
-    sizer.observe(len, calls=1000, seconds=0.001)  # 1 µs per call: far under the floor
+    sizer.observe(cost_key(len), calls=1000, seconds=0.001)  # 1 µs per call: far under the floor
     pending: deque[Submitted | MapJob] = deque(_submitted(4000))
     sent: list[InFlight] = []
     carved = carve(pending, sizer, 2, sent)
@@ -170,7 +171,7 @@ def test_a_burst_of_cheap_submits_goes_in_as_few_batches_as_its_work_is_worth() 
 
 def test_a_burst_ends_at_a_map_behind_it() -> None:
     sizer = BatchSizer()
-    sizer.observe(len, calls=1000, seconds=0.001)
+    sizer.observe(cost_key(len), calls=1000, seconds=0.001)
     job: Any = MapJob(len, iter([((),)] * 10), total=10)
     pending: deque[Submitted | MapJob] = deque([*_submitted(10), job])
     sizes = []
@@ -197,3 +198,18 @@ def test_a_batch_holds_the_calls_of_one_owner() -> None:
         assert carved is not None
         owners.append((carved[0].owner, len(carved[1])))
     assert owners == [("first", 2), ("second", 2), ("first", 1), ("", 1)]
+
+
+def test_a_cost_key_keeps_nothing_the_callable_holds_alive() -> None:
+    big = bytearray(10)
+
+    class Model:
+        def predict(self, x: int) -> int:
+            return x
+
+    model = Model()
+    # One key per code: a bound method, a partial, a closure are costed by what they run.
+    assert cost_key(model.predict) == cost_key(Model().predict) == Model.predict.__code__
+    assert cost_key(functools.partial(divmod, 7)) == cost_key(divmod)
+    assert cost_key(big.append) == (type(big.append), None, "bytearray.append")
+    assert cost_key(abs) != cost_key(len)
