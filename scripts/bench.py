@@ -69,7 +69,7 @@ from scripts.bench_stack import (
     running_stack,
     worker_pss,
 )
-from tasks.compute import noop, spin
+from tasks.compute import noop, spin, strided_sum
 from taskstack import JOBLIB_BACKEND, ClusterExecutor, Pool, Settings, names
 from taskstack.app import create_app
 from taskstack.client.joblib_backend import shutdown_executors
@@ -121,11 +121,6 @@ def spin_workload(name: str, count: int, seconds: float) -> Workload:
     return Workload(
         name, f"{count:,} x {seconds * 1000:g} ms", spin, [n] * count, [spin(n)] * count
     )
-
-
-def strided_sum(array: np.ndarray[Any, Any], i: int) -> float:
-    """Reads every other page of ``array``: the work each call of the shared workload does."""
-    return float(array[i % 997 :: 997].sum())
 
 
 def shared_workload(calls: int, megabytes: int) -> Workload:
