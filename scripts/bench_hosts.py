@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.bench import WORKLOADS, Workload, _names, settle_garbage
 from scripts.bench_hosts_lab import BENCH_LAN, Lab, can_run, lab, machine_busy_seconds
-from scripts.bench_hosts_report import plot, rows_of, table, write_json
+from scripts.bench_hosts_report import plot, rows_of, summary, table, write_json
 from scripts.bench_hosts_systems import SYSTEMS
 
 SLOW_SECONDS = 30.0
@@ -198,6 +198,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--systems", default="", help=f"comma-separated subset of {list(SYSTEMS)}")
     add("--quota", type=float, default=0.5, help="CPUs per host (cgroup CPU quota)")
     add("--period-us", type=int, default=10_000, help="the quota's period")
+    add(
+        "--shares",
+        type=int,
+        default=16_384,
+        help="cpu.shares of each host and of the machine's side (others have 1,024)",
+    )
     add("--tiny", type=int, default=20_000, help="items in the ~0.1 ms workload")
     add("--large", type=int, default=400, help="items in the ~10 ms workload")
     add("--shared-calls", type=int, default=1000, help="calls in the shared-array workload")
@@ -222,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     workloads = [WORKLOADS[n](args) for n in _names(args.workloads, WORKLOADS, "workload")]
     # SIGTERM ends the run as Ctrl-C does: through the teardown of every host.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with lab(max(args.hosts), args.quota, args.period_us) as machine:
+    with lab(max(args.hosts), args.quota, args.period_us, args.shares) as machine:
         round_trips = relay_round_trips(machine, args.latency)
         runs = list(measure(machine, args, systems, workloads))
     import dask
@@ -232,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "latency_ms": args.latency,
         "quota_cpus": args.quota,
         "period_us": args.period_us,
+        "shares": args.shares,
         "processes_per_host": 1,
         "repeats": args.repeats,
         "slow_repeats": args.slow_repeats,
@@ -247,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_json(args.out / "hosts.json", rows, setup, [asdict(r) for r in runs])
     plot(rows, setup, args.out / "hosts.png")
     print(table(rows, setup))
+    print(f"\n{summary(rows, setup)}")
     print(f"\nwrote {args.out / 'hosts.json'} and {args.out / 'hosts.png'}")
 
 

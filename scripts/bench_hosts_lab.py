@@ -16,6 +16,7 @@ killed run left behind is removed first.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import redis
 
@@ -38,9 +40,12 @@ from taskstack.services.local import redis_command, write_redis_config
 BENCH_LAN = Lan(prefix="tsbench-", subnet="100.64.232")
 CGROUPS = (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpuacct"))
 """Where each host gets a cgroup: its quota in the first, its CPU time counted in the second."""
+MACHINE_CGROUP = CGROUPS[0] / f"{BENCH_LAN.prefix}machine"
+"""This benchmark, redis-server, the relay and the scheduler: no quota, the hosts' weight."""
 DASK_WORKER_PORT = 9100
 """Each host's Dask worker listens here on its own address (namespaces: no clash)."""
 TOOLS = ("ip", "nsenter", "setpriv")
+LOCK = Path("/run/lock/tsbench.lock")
 
 
 def can_run() -> str | None:
@@ -147,8 +152,14 @@ class Lab:
 
 
 @contextlib.contextmanager
-def lab(count: int, quota: float, period_us: int = 10_000) -> Iterator[Lab]:
-    """``count`` hosts of ``quota`` CPUs each, Redis, and the relay (no delay yet)."""
+def lab(count: int, quota: float, period_us: int = 10_000, shares: int = 1024) -> Iterator[Lab]:
+    """``count`` hosts of ``quota`` CPUs each, Redis, and the relay (no delay yet).
+
+    ``shares``: the weight (``cpu.shares``) of each host, and of this process and what
+    it starts, against the machine's other processes, 1,024 each: a high weight makes a
+    host's quota what it gets, not only the most it may get, as on a machine of its own.
+    """
+    lock = one_run_at_a_time()
     remove_leftovers()
     tmp = Path(tempfile.mkdtemp(prefix="tsbench-"))
     hosts = tuple(
@@ -167,11 +178,15 @@ def lab(count: int, quota: float, period_us: int = 10_000) -> Iterator[Lab]:
     client = redis.Redis.from_url(settings.redis_url)
     try:
         BENCH_LAN.build([host.name for host in hosts])
+        MACHINE_CGROUP.mkdir()
+        (MACHINE_CGROUP / "cpu.shares").write_text(str(shares))
+        (MACHINE_CGROUP / "cgroup.procs").write_text(str(os.getpid()))
         for host in hosts:
             host.directory.mkdir(parents=True)
             for hierarchy in CGROUPS:
                 host.cgroup(hierarchy).mkdir()
             cpu = host.cgroup(CGROUPS[0])
+            (cpu / "cpu.shares").write_text(str(shares))
             (cpu / "cpu.cfs_period_us").write_text(str(period_us))
             (cpu / "cpu.cfs_quota_us").write_text(str(round(quota * period_us)))
         with (tmp / "redis.log").open("wb") as log:
@@ -197,8 +212,23 @@ def lab(count: int, quota: float, period_us: int = 10_000) -> Iterator[Lab]:
         if server is not None:
             stop(server)
         client.close()
+        if MACHINE_CGROUP.is_dir():
+            (CGROUPS[0] / "cgroup.procs").write_text(str(os.getpid()))
         remove_leftovers()
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.close()
+
+
+def one_run_at_a_time() -> IO[bytes]:
+    """An exclusive lock, held while the returned file is open: the names are fixed, and
+    a second run would remove the first one's hosts as left over."""
+    lock = LOCK.open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit("bench_hosts: another run is under way on this machine") from None
+    return lock
 
 
 def machine_busy_seconds() -> float:
@@ -222,9 +252,12 @@ def kill_cgroup(path: Path, timeout: float = 30) -> None:
 
 
 def remove_leftovers() -> None:
-    """The benchmark's cgroups (their processes killed first) and namespaces."""
+    """The benchmark's cgroups (their processes killed first) and namespaces.
+
+    This process must not be in one: the teardown of :func:`lab` moves it out first.
+    """
     for hierarchy in CGROUPS:
-        for path in hierarchy.glob(f"{BENCH_LAN.host_prefix}*"):
+        for path in hierarchy.glob(f"{BENCH_LAN.prefix}*"):
             kill_cgroup(path)
             with contextlib.suppress(OSError):
                 path.rmdir()

@@ -114,6 +114,21 @@ def table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
+    """Speed-ups only, a row per system and workload: the README's "More hosts" table."""
+    columns = [(n, lat) for lat in setup["latency_ms"] for n in setup["hosts"] if n > 1]
+    head = " | ".join(f"{n} hosts, {lat:g} ms" for n, lat in columns)
+    lines = [f"| | {head} |", "|---|" + "---|" * len(columns)]
+    found = {(r["system"], r["workload"], r["hosts"], r["latency_ms"]): r for r in rows}
+    for workload, title in setup["workloads"].items():
+        for system in ("taskstack", "dask"):
+            cells = [found.get((system, workload, n, lat)) for n, lat in columns]
+            if any(cells):
+                shown = [f"{c['speedup']:.2f}x" if c else "" for c in cells]
+                lines.append(f"| {system}, {title} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], setup: dict[str, Any], path: Path) -> None:
     import matplotlib
 

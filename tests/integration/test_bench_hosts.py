@@ -26,7 +26,7 @@ def leftovers() -> list[str]:
     """The benchmark's namespaces and cgroups that exist now."""
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     found = [line.split()[0] for line in namespaces.splitlines() if line.startswith("tsbench-")]
-    return found + [str(p) for h in CGROUPS for p in h.glob(f"{BENCH_LAN.host_prefix}*")]
+    return found + [str(p) for h in CGROUPS for p in h.glob(f"{BENCH_LAN.prefix}*")]
 
 
 @pytest.fixture
