@@ -32,6 +32,7 @@ and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import signal
@@ -210,6 +211,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--shared-mb", type=int, default=50, help="size of the shared array")
     add("--quick", action="store_true", help="1-2 hosts, small workloads, one repetition")
     add("--out", type=Path, default=Path("docs/benchmarks"), help="where hosts.json/.png go")
+    add("--from-json", type=Path, help="no run: the table, JSON and plot of a run's hosts.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.hosts, args.repeats = "1,2", 1
@@ -219,8 +221,22 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(runs: list[Run], setup: dict[str, Any], out: Path) -> None:
+    rows = rows_of(runs, setup["quota_cpus"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "hosts.json", rows, setup, [asdict(r) for r in runs])
+    plot(rows, setup, out / "hosts.png")
+    print(table(rows, setup))
+    print(f"\n{summary(rows, setup)}")
+    print(f"\nwrote {out / 'hosts.json'} and {out / 'hosts.png'}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        report([Run(**run) for run in data["runs"]], data["setup"], args.out)
+        return
     missing = can_run()
     if missing:
         raise SystemExit(f"bench_hosts: needs {missing}")
@@ -249,13 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "relay_ping_ms": round_trips,
         "workloads": {w.name: w.title for w in workloads},
     }
-    rows = rows_of(runs, args.quota)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "hosts.json", rows, setup, [asdict(r) for r in runs])
-    plot(rows, setup, args.out / "hosts.png")
-    print(table(rows, setup))
-    print(f"\n{summary(rows, setup)}")
-    print(f"\nwrote {args.out / 'hosts.json'} and {args.out / 'hosts.png'}")
+    report(runs, setup, args.out)
 
 
 if __name__ == "__main__":

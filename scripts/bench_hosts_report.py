@@ -71,6 +71,13 @@ def rows_of(runs: list[Run], quota: float) -> list[dict[str, Any]]:
             prev = max(fewer, key=lambda r: r["hosts"])
             added = row["hosts"] - prev["hosts"]
             row["gain_per_added_host"] = round((row["speedup"] - prev["speedup"]) / added, 3)
+    one = {(r["system"], r["workload"], r["latency_ms"]): r for r in rows if r["hosts"] == 1}
+    for row in rows:  # what the speed-up would be if a call cost the same CPU time throughout
+        if row["workload"] == "shared":  # there each added host adds work: its own fetch
+            continue
+        first = one[row["system"], row["workload"], row["latency_ms"]]
+        busy = row["hosts"] * row["host_quota_used"] / first["host_quota_used"]
+        row["speedup_at_equal_cpu"] = round(busy, 3)
     return rows
 
 
@@ -78,6 +85,10 @@ def write_json(
     path: Path, rows: list[dict[str, Any]], setup: dict[str, Any], runs: list[Any]
 ) -> None:
     path.write_text(json.dumps({"rows": rows, "setup": setup, "runs": runs}, indent=1) + "\n")
+
+
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
 
 
 def _mb(row: dict[str, Any]) -> str:
@@ -92,10 +103,11 @@ def table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
         f"30 s), relay PING round trip by latency (ms): "
         + ", ".join(f"{k}: {v:.2f}" for k, v in setup["relay_ping_ms"].items()),
         "",
-        "| workload | latency | system | hosts | median (s) | speed-up (min-max) | efficiency "
+        "| workload | latency | system | hosts | median (s) | speed-up (min-max) | at equal CPU "
+        "| efficiency "
         "| gain / added host | hosts' quota used | others' CPU (s) | client CPU (s) | Redis CPU (s) "
         "| relay CPU (s) | scheduler CPU (s) | MB into each host |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {name: i for i, name in enumerate(setup["workloads"])}
     for row in sorted(
@@ -105,7 +117,8 @@ def table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
         lines.append(
             f"| {setup['workloads'].get(row['workload'], row['workload'])} | {row['latency_ms']:g} ms "
             f"| {row['system']} | {row['hosts']} | {row['seconds']:.2f} "
-            f"| {row['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {row['efficiency']:.2f} "
+            f"| {row['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {_x(row.get('speedup_at_equal_cpu'))} "
+            f"| {row['efficiency']:.2f} "
             f"| {row.get('gain_per_added_host', ''):} | {row['host_quota_used']:.0%} "
             f"| {row['others_cpu_s']:.2f} "
             f"| {row['client_cpu_s']:.2f} | {row['redis_cpu_s']:.2f} | {row['relay_cpu_s']:.2f} "
