@@ -209,7 +209,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--large", type=int, default=400, help="items in the ~10 ms workload")
     add("--shared-calls", type=int, default=1000, help="calls in the shared-array workload")
     add("--shared-mb", type=int, default=50, help="size of the shared array")
-    add("--quick", action="store_true", help="1-2 hosts, small workloads, one repetition")
+    add(
+        "--quick",
+        action="store_true",
+        help="1-2 hosts, small workloads, one repetition (over --hosts, --repeats, the sizes)",
+    )
     add("--out", type=Path, default=Path("docs/benchmarks"), help="where hosts.json/.png go")
     add("--from-json", type=Path, help="no run: the table, JSON and plot of a run's hosts.json")
     args = parser.parse_args(argv)

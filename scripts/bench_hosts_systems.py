@@ -56,6 +56,19 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+@contextlib.contextmanager
+def logged_on_failure(lab: Lab, n: int, log: str) -> Iterator[None]:
+    """Show the end of each host's ``log`` when the workers fail to start."""
+    try:
+        yield
+    except (Exception, SystemExit):  # not on Ctrl-C
+        for host in lab.hosts[:n]:
+            path = host.directory / log
+            tail = path.read_text(errors="replace")[-2000:] if path.exists() else "(none)"
+            print(f"--- {host.name}: {log}\n{tail}", file=sys.stderr)
+        raise
+
+
 @system("taskstack")
 def taskstack(lab: Lab, n: int) -> Iterator[Opener]:
     workers = []
@@ -65,11 +78,12 @@ def taskstack(lab: Lab, n: int) -> Iterator[Opener]:
             env = child_env(lab.worker_settings(host).to_env())
             argv = [*worker_command(names.CPU_QUEUE, node), "--loglevel=WARNING"]
             workers.append(host.spawn(argv, env, "worker.log"))
-        wait(
-            lambda: capacity(lab.redis, names.CPU_QUEUE).processes == n,
-            f"{n} taskstack worker(s)",
-            START_TIMEOUT,
-        )
+        with logged_on_failure(lab, n, "worker.log"):
+            wait(
+                lambda: capacity(lab.redis, names.CPU_QUEUE).processes == n,
+                f"{n} taskstack worker(s)",
+                START_TIMEOUT,
+            )
 
         @contextlib.contextmanager
         def opener() -> Iterator[Runner]:
@@ -119,8 +133,9 @@ def dask(lab: Lab, n: int) -> Iterator[Opener]:
                 *("--death-timeout", "60"),
             ]
             workers.append(host.spawn(argv, child_env({}), "dask-worker.log"))
-        client = Client(f"tcp://127.0.0.1:{lab.scheduler_port}", timeout=START_TIMEOUT)
-        client.wait_for_workers(n, timeout=START_TIMEOUT)
+        with logged_on_failure(lab, n, "dask-worker.log"):
+            client = Client(f"tcp://127.0.0.1:{lab.scheduler_port}", timeout=START_TIMEOUT)
+            client.wait_for_workers(n, timeout=START_TIMEOUT)
         dask_client = client
 
         @contextlib.contextmanager
