@@ -2,12 +2,11 @@
 
 ``private_hosts()`` builds a LAN in a network namespace of its own (a bridge,
 ``100.64.231.0/24``, in the shared address space that Docker never allocates
-from; ``scripts/lan.py``, which the multi-host benchmark uses too with names
+from; ``scripts/lan.py``, which the multi-host benchmark uses too, with names
 and a subnet of its own): this machine is ``.1`` on it, and host ``i`` is
-``.(1 + i)``. Each host
-is a network namespace with its own ``dockerd``, data, socket and hostname, so
-that the swarm tests never run ``docker swarm`` on the engine the developer's own
-projects run on. To Swarm the hosts are separate machines: they join over the
+``.(1 + i)``. Each host is a network namespace with its own ``dockerd``, data,
+socket and hostname, so that the swarm tests never run ``docker swarm`` on the
+engine the developer's own projects run on. To Swarm the hosts are separate machines: they join over the
 LAN, the overlay's VXLAN traffic crosses it, and a host cut off it is gone.
 The images they run are built by this machine's engine and loaded into theirs.
 
