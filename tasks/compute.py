@@ -111,6 +111,11 @@ def spin(iterations: int) -> int:
     return total
 
 
+def strided_sum(array: np.ndarray[Any, Any], i: int) -> float:
+    """Reads every other page of ``array``: a call of the benchmarks' shared-array workload."""
+    return float(array[i % 997 :: 997].sum())
+
+
 def noop(x: object = None) -> object:
     """Return ``x``: a call whose cost is all overhead."""
     return x

@@ -2,10 +2,11 @@
 
 ``private_hosts()`` builds a LAN in a network namespace of its own (a bridge,
 ``100.64.231.0/24``, in the shared address space that Docker never allocates
-from): this machine is ``.1`` on it, and host ``i`` is ``.(1 + i)``. Each host
-is a network namespace with its own ``dockerd``, data, socket and hostname, so
-that the swarm tests never run ``docker swarm`` on the engine the developer's own
-projects run on. To Swarm the hosts are separate machines: they join over the
+from; ``scripts/lan.py``, which the multi-host benchmark uses too, with names
+and a subnet of its own): this machine is ``.1`` on it, and host ``i`` is
+``.(1 + i)``. Each host is a network namespace with its own ``dockerd``, data,
+socket and hostname, so that the swarm tests never run ``docker swarm`` on the
+engine the developer's own projects run on. To Swarm the hosts are separate machines: they join over the
 LAN, the overlay's VXLAN traffic crosses it, and a host cut off it is gone.
 The images they run are built by this machine's engine and loaded into theirs.
 
@@ -25,22 +26,18 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.lan import Lan
 from tests.compose.cli import Docker, run
 from tests.compose.conftest import docker_available
 from tests.support import require, wait_for
 
-LAN = "taskstack-lan"
-"""The network namespace of the LAN's bridge."""
-HOST_PREFIX = "taskstack-host"
+PRIVATE_LAN = Lan(prefix="taskstack-", subnet="100.64.231")
 """Host ``i``'s network namespace and hostname: ``taskstack-host<i>``."""
-MACHINE_LINK = "taskstack-lan"
-"""This machine's interface on the LAN."""
-SUBNET = "100.64.231"
-MACHINE_ADDRESS = f"{SUBNET}.1"
+MACHINE_ADDRESS = PRIVATE_LAN.machine_address
 START_TIMEOUT = 60
 STOP_TIMEOUT = 60
 """A swarm manager takes 8 s to stop, and gives a task's container 10 s; then it is killed."""
@@ -94,13 +91,13 @@ def require_private_hosts() -> None:
 @contextlib.contextmanager
 def private_hosts(directory: Path, count: int) -> Iterator[tuple[Host, ...]]:
     """``count`` hosts on a private LAN with this machine; removed with all they ran afterwards."""
-    names = [f"{HOST_PREFIX}{i}" for i in range(1, count + 1)]
+    names = [PRIVATE_LAN.host_name(i) for i in range(1, count + 1)]
     engines: list[Engine] = []
-    remove_namespaces()  # left over by a run that was killed
+    PRIVATE_LAN.remove()  # left over by a run that was killed
     try:
-        build_lan(names)
-        for i, name in enumerate(names, start=2):
-            engines.append(Engine.start(name, f"{SUBNET}.{i}", directory / name))
+        PRIVATE_LAN.build(names)
+        for i, name in enumerate(names, start=1):
+            engines.append(Engine.start(name, PRIVATE_LAN.host_address(i), directory / name))
         for engine in engines:
             engine.wait_ready()
         yield tuple(engine.host for engine in engines)
@@ -109,42 +106,8 @@ def private_hosts(directory: Path, count: int) -> Iterator[tuple[Host, ...]]:
             engine.terminate()
         for engine in engines:
             engine.wait_stopped()
-        remove_namespaces()
+        PRIVATE_LAN.remove()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def build_lan(hosts: Sequence[str]) -> None:
-    """The LAN's namespace with its bridge, this machine and every host cabled to it."""
-    run("ip", "netns", "add", LAN)
-    run("ip", "-n", LAN, "link", "add", "br0", "type", "bridge")
-    run("ip", "-n", LAN, "link", "set", "br0", "up")
-    # Each veth pair is created with its ends in place: this machine gets one interface.
-    run("ip", "link", "add", MACHINE_LINK, "type", "veth", "peer", "name", "machine", "netns", LAN)
-    run("ip", "addr", "add", f"{MACHINE_ADDRESS}/24", "dev", MACHINE_LINK)
-    run("ip", "link", "set", MACHINE_LINK, "up")
-    run("ip", "-n", LAN, "link", "set", "machine", "master", "br0", "up")
-    for i, name in enumerate(hosts, start=2):
-        run("ip", "netns", "add", name)
-        run(
-            *("ip", "link", "add", "eth0", "netns", name, "type", "veth"),
-            *("peer", "name", name.removeprefix("taskstack-"), "netns", LAN),
-        )
-        run("ip", "-n", LAN, "link", "set", name.removeprefix("taskstack-"), "master", "br0", "up")
-        run("ip", "-n", name, "addr", "add", f"{SUBNET}.{i}/24", "dev", "eth0")
-        run("ip", "-n", name, "link", "set", "eth0", "up")
-        run("ip", "-n", name, "link", "set", "lo", "up")
-
-
-def remove_namespaces() -> None:
-    """Delete the LAN's and the hosts' namespaces, and with them every interface in them."""
-    listed = run("ip", "netns", "list").split("\n")
-    for name in (line.split(" ")[0] for line in listed):
-        if name == LAN or name.startswith(HOST_PREFIX):
-            with contextlib.suppress(subprocess.CalledProcessError):
-                run("ip", "netns", "del", name)
-    # Gone with its peer in the LAN's namespace; this is for a namespace deleted by hand.
-    with contextlib.suppress(subprocess.CalledProcessError):
-        run("ip", "link", "del", MACHINE_LINK)
 
 
 @dataclass
