@@ -49,6 +49,17 @@ def record_and_nap(redis_url: str, key: str, seconds: float, value: object) -> o
     return value
 
 
+def running_at_once(redis_url: str, key: str, seconds: float) -> int:
+    """How many calls sharing ``key`` run while this one starts (itself included)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    running = int(client.incr(key))
+    try:
+        time.sleep(seconds)  # the call's work: long enough for a second one to overlap
+    finally:
+        client.decr(key)
+    return running
+
+
 def leave(code: int) -> None:
     raise SystemExit(code)
 

@@ -224,10 +224,13 @@ def test_max_workers_bounds_the_calls_running_at_once(
     redis_server: Settings, cpu_worker: Worker
 ) -> None:
     assert redis_server.cpu_concurrency == 2
+    key = "test:running-at-once"
     with ClusterExecutor(1, settings=redis_server) as ex:
         assert ex.processes == 1
-        pids = {pid for _, pid in ex.map(work.marker_and_pid, range(8), chunksize=1)}
-    assert len(pids) == 1
+        args = [(redis_server.redis_url, key, 0.05)] * 8
+        assert max(ex.map(work.running_at_once, *zip(*args, strict=True), chunksize=1)) == 1
+    with ClusterExecutor(2, settings=redis_server) as ex:  # the measure can see two at once
+        assert max(ex.map(work.running_at_once, *zip(*args, strict=True), chunksize=1)) == 2
     with pytest.raises(ValueError, match="max_workers"):
         ClusterExecutor(0, settings=redis_server)
 
