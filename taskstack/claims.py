@@ -32,7 +32,7 @@ TTL_SECONDS: Final = 24 * 3600
 
 WHOLE_BATCH: Final = "all"
 
-_START = """
+START_SCRIPT: Final = """
 if redis.call('hexists', KEYS[1], 'all') == 1 then return {'all'} end
 redis.call('hset', KEYS[1], 'started', '1')
 redis.call('expire', KEYS[1], ARGV[1])
@@ -42,6 +42,8 @@ if KEYS[2] then
 end
 return redis.call('hgetall', KEYS[1])
 """
+"""KEYS: claim hash, optionally a reply list; ARGV: TTL, the start notice pushed to that
+list. Answers ``{'all'}`` for a batch cancelled as a whole, else the claim's fields."""
 
 PROGRESS_SCRIPT: Final = """
 local done = tonumber(redis.call('hget', KEYS[2], 'done') or '0')
@@ -93,7 +95,7 @@ def start(
         args.append(notify[1])
     flat = [
         f.decode() if isinstance(f, bytes) else str(f)
-        for f in client.eval(_START, len(keys), *keys, *args)
+        for f in client.eval(START_SCRIPT, len(keys), *keys, *args)
     ]
     if flat == [WHOLE_BATCH]:  # the script's answer for a batch cancelled as a whole
         return {WHOLE_BATCH}, 0
