@@ -150,7 +150,7 @@ def quota(pid: int, cores: float) -> Path:
         raise SystemExit(f"simulate: a Redis CPU quota needs a writable {CGROUP_CPU} (root)")
     group = CGROUP_CPU / f"taskstack-sim-{os.getpid()}"
     group.mkdir(exist_ok=True)
-    period = 100_000
+    period = 10_000  # short periods: Redis waits out a spent quota for 10 ms at most, not 100
     (group / "cpu.cfs_period_us").write_text(str(period))
     (group / "cpu.cfs_quota_us").write_text(str(round(cores * period)))
     (group / "cgroup.procs").write_text(str(pid))

@@ -72,15 +72,18 @@ LIMITS = {
     "client": "client_share_max",
     "Redis": "redis_share_of_allowance",
     "harness": "harness_share_max",
-    "machine (all CPUs)": "machine_share",
 }
-"""Each candidate bottleneck and its utilisation: one client process is held to about
-one core by its interpreter lock, as is a harness process; Redis to its allowance."""
+"""Each part that can stop the growth and its utilisation: one client process is held to
+about one core by its interpreter lock, as is a harness process; Redis to its allowance."""
+SATURATED = 0.85
+"""A part this busy is taken as the limit; if none is, and the machine is, the machine is
+(its CPUs are shared: ``others_share`` says how much went to other jobs); if neither,
+none was saturated (the batches waited on something else: latency, scheduling)."""
 
 
 def knees(rows: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
     """Per series: the first point whose efficiency is below ``threshold``, and which
-    part was busiest there."""
+    part was the limit there."""
     out = []
     for label in dict.fromkeys(r["series"] for r in rows):
         points = sorted((r for r in rows if r["series"] == label), key=lambda r: r["processes"])
@@ -95,8 +98,14 @@ def knees(rows: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
             linear = [r["processes"] for r in points if r["processes"] < knee["processes"]]
             entry["last_linear_processes"] = linear[-1] if linear else None
             busy = {name: knee[key] for name, key in LIMITS.items()}
+            busy["machine (all CPUs)"] = knee["machine_share"]
             entry["utilisation_at_knee"] = busy
-            entry["limit"] = max(busy, key=lambda name: busy[name])
+            entry["others_cores_at_knee"] = knee["others_share"]
+            part = max(LIMITS, key=lambda name: busy[name])
+            if busy[part] < SATURATED:
+                machine = busy["machine (all CPUs)"] >= SATURATED
+                part = "machine (all CPUs)" if machine else "none saturated"
+            entry["limit"] = part
         out.append(entry)
     return out
 
@@ -131,8 +140,8 @@ def table(report: dict[str, Any]) -> str:
         "",
         "| series | processes | batches/s | items/s | efficiency | Redis µs/batch "
         "| client µs/batch | harness µs/batch | Redis core | busiest client | busiest harness "
-        "| machine | results verified |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| machine | other jobs (cores) | results verified |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
@@ -140,7 +149,7 @@ def table(report: dict[str, Any]) -> str:
             f"| {r['items_per_s']:,.0f} | {r['efficiency']:.2f} | {r['redis_us_per_batch']:.0f} "
             f"| {r['client_us_per_batch']:.0f} | {r['harness_us_per_batch']:.0f} "
             f"| {r['redis_share']:.0%} | {r['client_share_max']:.0%} "
-            f"| {r['harness_share_max']:.0%} | {r['machine_share']:.0%} "
+            f"| {r['harness_share_max']:.0%} | {r['machine_share']:.0%} | {r['others_share']:.2f} "
             f"| {r['results_verified']:,} ({r['wrong_results']} wrong) |"
         )
     lines.append("")
@@ -178,7 +187,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         scale = rows[0][key] / rows[0]["batches_per_s"] if rows[0]["batches_per_s"] else 1
         ideal = [x / rows[0]["batch_s"] * scale for x in xs]
         ax.plot(xs, ideal, color="grey", linestyle=":", label="linear (every process busy)")
-        for label, knee in knees_by.items():
+        bounds = report["extrapolated"]
+        for what, style in (("redis", "--"), ("client", "-.")):
+            level = bounds[f"{what}_batches_per_s"] * scale
+            name = "one Redis core" if what == "redis" else "one client"
+            ax.axhline(level, color="black", linestyle=style, linewidth=0.8,
+                       label=f"{name}: extrapolated from its CPU per batch")  # fmt: skip
+        for n, (label, knee) in enumerate(knees_by.items()):
             points = sorted((r for r in rows if r["series"] == label), key=lambda r: r["processes"])
             (line,) = ax.plot(
                 [r["processes"] for r in points], [r[key] for r in points], "o-", label=label
@@ -189,7 +204,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                     [at["processes"]], [at[key]], marker="X", markersize=13, color=line.get_color()
                 )
                 ax.annotate(f"knee: {knee['limit']}", (at["processes"], at[key]),
-                            textcoords="offset points", xytext=(6, -14), fontsize=8,
+                            textcoords="offset points", xytext=(8, -12 - 9 * n), fontsize=7,
                             color=line.get_color())  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")

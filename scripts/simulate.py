@@ -13,7 +13,7 @@ measures batches/s and items/s for ``--seconds``, and the CPU that Redis's main
 thread, the clients and the harness itself used per batch, to tell which one
 stops the growth: the *knee*, the first point below ``--knee`` of linear.
 
-    python scripts/simulate.py                    # ~5 minutes
+    python scripts/simulate.py                    # ~8 minutes
     python scripts/simulate.py --quick            # 10 and 50 processes, ~20 s
     python scripts/simulate.py --processes 10,100,1000 --clients 1,4 --redis-cores 1,0.25
 
@@ -162,7 +162,7 @@ def arguments() -> argparse.Namespace:
     )
     add("--clients", type=parse_list(int), help="one series per client count (default 1,4)")
     add("--redis-cores", type=parse_list(float), help="series with the most clients and Redis "
-        "pinned to this many CPUs, or held to a quota below 1 (default 1; '' for none)")  # fmt: skip
+        "pinned to this many CPUs, or held to a quota below 1 (default 1,0.1; '' for none)")  # fmt: skip
     add("--seconds", type=float, help="measurement window per point (default 8)")
     add("--call-ms", type=float, default=1.0, help="simulated duration of one call")
     add("--batch-ms", type=float, default=100.0,
@@ -178,7 +178,7 @@ def arguments() -> argparse.Namespace:
     for name, full, small in (
         ("processes", [10, 30, 100, 300, 1000], [10, 50]),
         ("clients", [1, 4], [1]),
-        ("redis_cores", [1.0], []),
+        ("redis_cores", [1.0, 0.1], []),
         ("seconds", 8.0, 3.0),
     ):
         if getattr(args, name) is None:
