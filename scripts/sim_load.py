@@ -35,7 +35,7 @@ def client_load(
 ) -> None:
     """One client process: a first map of ``items[0]`` no-op calls, then maps of
     ``items[1]`` until ``stop_`` is set, checking every result as it arrives; puts
-    ``(maps completed, results verified, wrong ones)``.
+    ``(maps completed, results verified, wrong ones)``, the first map's included.
 
     A map still running when told to stop is closed: its client stops its batches,
     as after Ctrl-C, so the next point starts on an empty queue."""
@@ -44,6 +44,8 @@ def client_load(
     with ClusterExecutor(settings=settings) as executor:
         for result in executor.map(noop, range(first), chunksize=chunksize):
             wrong += result != RESULT  # the first map teaches the sizer the cost per call
+            verified += 1
+        maps = 1
         ready.put(os.getpid())
         while not stop_.is_set():
             results = cast(

@@ -29,6 +29,7 @@ def test_simulated_processes_carry_real_clients_in_parallel(tmp_path: Path) -> N
             "--batch-ms=500",
             "--rounds=2",
             "--harness=1",
+            "--seconds=2",
             f"--out={tmp_path}",
         ]
     )
@@ -37,9 +38,9 @@ def test_simulated_processes_carry_real_clients_in_parallel(tmp_path: Path) -> N
     assert sorted(rows) == [10, 50]
     for processes, row in rows.items():
         # Every result went through the client's signature and binding checks, then
-        # was compared with the simulated calls' value.
+        # was compared with the simulated calls' value: a whole first map at least.
         assert row["maps_completed"] >= 1, row
-        assert row["results_verified"] >= 2 * processes * 100, row
+        assert row["results_verified"] >= processes * 100, row
         assert row["wrong_results"] == 0, row
     # Processes held one after the other would move as many batches at 50 as at 10.
     assert rows[50]["batches_per_s"] > 2.5 * rows[10]["batches_per_s"], rows
