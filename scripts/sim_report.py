@@ -110,15 +110,26 @@ def knees(rows: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
     return out
 
 
-def extrapolate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def extrapolate(rows: list[dict[str, Any]], calibration: dict[str, Any] | None) -> dict[str, Any]:
     """One Redis core and one client process, from their measured CPU per batch (the
-    median over the points that moved at least 50 batches/s) to what they carry."""
+    median over the points that moved at least 50 batches/s) to what they carry; with a
+    ``calibration``, Redis's bound for real workers too (its CPU per batch x the ratio)."""
     loaded = [r for r in rows if r["batches_per_s"] >= 50] or rows
     redis_us = statistics.median(r["redis_us_per_batch"] for r in loaded)
     client_us = statistics.median(r["client_us_per_batch"] for r in loaded)
     batch_s = loaded[0]["batch_s"]
     redis_bound, client_bound = 1e6 / redis_us, 1e6 / client_us
+    real: dict[str, float] = {}
+    if calibration is not None:
+        bound = redis_bound / calibration["redis_ratio"]
+        real = {
+            "real_worker_redis_ratio": calibration["redis_ratio"],
+            "redis_batches_per_s_real_workers": bound,
+            "redis_processes_real_workers": bound * batch_s,
+            f"redis_hosts_of_{PER_HOST}_real_workers": bound * batch_s / PER_HOST,
+        }
     return {
+        **real,
         "redis_us_per_batch": redis_us,
         "client_us_per_batch": client_us,
         "batch_s": batch_s,
@@ -167,6 +178,12 @@ def table(report: dict[str, Any]) -> str:
         f"({x['redis_processes']:,.0f} processes at {x['batch_s'] * 1000:g} ms batches), one "
         f"client {x['client_batches_per_s']:,.0f} batches/s ({x['client_processes']:,.0f})"
     )
+    if "real_worker_redis_ratio" in x:
+        lines.append(
+            f"A real worker costs Redis {x['real_worker_redis_ratio']:.2f}x a simulated host per "
+            f"batch: one Redis core with real workers {x['redis_batches_per_s_real_workers']:,.0f} "
+            f"batches/s ({x['redis_processes_real_workers']:,.0f} processes)"
+        )
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.bench_stack import wait
+from scripts.sim_calibrate import calibrate
 from scripts.sim_hosts import Plan, serve
 from scripts.sim_load import Placement, Server, client_load, private_redis
 from scripts.sim_report import extrapolate, knees, plot, snapshot, table, usage
@@ -172,6 +173,9 @@ def arguments() -> argparse.Namespace:
     add("--rounds", type=int, default=4, help="a map holds this many batches per process")
     add("--knee", type=float, default=0.8, help="efficiency below which growth has stopped")
     add("--quick", action="store_true", help="10 and 50 processes, one client, 3 s: a smoke test")
+    add("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+        help="also measure a real prefork worker against one simulated host (default: "
+        "unless --quick)")  # fmt: skip
     add("--out", type=Path, default=Path("docs/benchmarks"), help="where to write the results")
     args = parser.parse_args()
     quick = args.quick
@@ -180,6 +184,7 @@ def arguments() -> argparse.Namespace:
         ("clients", [1, 4], [1]),
         ("redis_cores", [1.0, 0.1], []),
         ("seconds", 8.0, 3.0),
+        ("calibrate", True, False),
     ):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
@@ -199,6 +204,13 @@ def main() -> None:
                 rows.append(run_point(server, placement, series, processes, args))
                 bar.update()
     bar.close()
+    calibration = None
+    if args.calibrate:
+        print("simulate: a real worker against a simulated host, for Redis's cost", file=sys.stderr)
+        per_batch = (
+            round(args.batch_ms / args.call_ms) if args.batch_ms else round(100 / args.call_ms)
+        )
+        calibration = calibrate(args.per_host, per_batch, args.call_ms / 1000)
     report = {
         "setup": {
             "cpus": len(os.sched_getaffinity(0)),
@@ -212,7 +224,8 @@ def main() -> None:
         },
         "rows": rows,
         "knees": knees(rows, args.knee),
-        "extrapolated": extrapolate(rows),
+        "calibration": calibration,
+        "extrapolated": extrapolate(rows, calibration),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "simulated.json").write_text(json.dumps(report, indent=2) + "\n")
