@@ -39,7 +39,7 @@ WHOLE_BATCH: Final = "all"
 HELD: Final = "held"
 """The claim field of a batch its own client took to run in its process."""
 
-_START = """
+START_SCRIPT: Final = """
 if redis.call('hexists', KEYS[1], 'all') == 1 then return {'all'} end
 if redis.call('hexists', KEYS[1], 'held') == 1 then return {'held'} end
 if ARGV[2] == 'take' then
@@ -133,7 +133,7 @@ def _claim(
         args.append(notify[1])
     return [
         f.decode() if isinstance(f, bytes) else str(f)
-        for f in client.eval(_START, len(keys), *keys, *args)
+        for f in client.eval(START_SCRIPT, len(keys), *keys, *args)
     ]
 
 
