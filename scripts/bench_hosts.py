@@ -74,6 +74,8 @@ class Run:
     """Used by the hosts in the run (their cgroups' CPU time)."""
     others_cpu_s: float
     """Used meanwhile by the machine's other processes (another user's tests): the noise."""
+    host_cpu_each_s: list[float] = field(default_factory=list)
+    """The same, host by host: how evenly the work spread."""
     into_hosts: list[int] = field(default_factory=list)
     """Bytes the relay delivered to each host during the run."""
 
@@ -97,7 +99,7 @@ def timed(lab: Lab, run: Any, w: Workload, hosts: int) -> tuple[list[Any], dict[
         time.process_time(),
         lab.redis_cpu_seconds(),
         process_cpu(lab.relay.process.pid),
-        sum(h.cpu_seconds() for h in used),
+        [h.cpu_seconds() for h in used],
         lab.bytes_into(),
         machine_busy_seconds(),
     )
@@ -112,9 +114,10 @@ def timed(lab: Lab, run: Any, w: Workload, hosts: int) -> tuple[list[Any], dict[
         "redis_cpu_s": lab.redis_cpu_seconds() - before[1],
         "relay_cpu_s": process_cpu(lab.relay.process.pid) - before[2],
         "scheduler_cpu_s": (process_cpu(scheduler) - scheduler_cpu) if scheduler else 0.0,
-        "host_cpu_s": sum(h.cpu_seconds() for h in used) - before[3],
+        "host_cpu_each_s": [h.cpu_seconds() - b for h, b in zip(used, before[3], strict=True)],
         "into_hosts": [into[h.index] - before[4][h.index] for h in used],
     }
+    spent["host_cpu_s"] = sum(spent["host_cpu_each_s"])
     ours = sum(v for k, v in spent.items() if k.endswith("cpu_s"))
     spent["others_cpu_s"] = machine_busy_seconds() - before[5] - ours
     return got, spent
