@@ -69,6 +69,13 @@ def marker_and_pid(_: object) -> tuple[str | None, int]:
     return os.environ.get("TASKSTACK_TEST_MARKER"), os.getpid()
 
 
+def span(seconds: float) -> tuple[float, float]:
+    """When this call started and ended (wall clock, shared by the host's processes)."""
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
 def failing_initializer() -> None:
     raise ValueError("no setup today")
 
