@@ -55,6 +55,14 @@ class BatchSizer:
     processes ran at 0.87-0.90x ``multiprocessing.Pool``'s speed; at 100 ms, 0.92x)."""
     max_seconds: float = 2.0
     """...and at most this long, so results and progress keep flowing."""
+    max_batches_per_s: float = 1000.0
+    """The batch rate of the whole cluster stays under this (``REDIS_MAX_BATCHES_PER_S``):
+    with every process busy, ``cluster`` processes ask for ``cluster / d`` batches a second,
+    so the floor rises to ``cluster / max_batches_per_s`` seconds once that is above
+    ``min_seconds``, and the ceiling with it. One Redis then stays below saturation however
+    many processes there are; the price is coarser balance at the end of short maps."""
+    cluster: int = 0
+    """Worker processes of the whole cluster (every client's), from the capacity beacon."""
     smoothing: float = 0.3
     """Weight of the newest measurement in the running cost estimate."""
     jump: float = 4.0
@@ -77,7 +85,7 @@ class BatchSizer:
             # than processes for the rest: an estimate learnt on cheaper calls of the
             # same function would otherwise leave processes idle at the end.
             floor = min(self._floor(per_second), math.ceil(remaining / processes))
-            ceiling = max(1, math.floor(self.max_seconds * per_second))
+            ceiling = max(1, math.floor(self.longest() * per_second))
             guided = min(max(guided, floor), ceiling)
         return max(1, min(guided, remaining))
 
@@ -129,7 +137,7 @@ class BatchSizer:
         size = math.ceil((level - ends[0]) * per_second - 1e-6)  # not 117 for 116.0000001
         # A batch boundary costs a process 5-10 ms: levelling by less than a tenth of the
         # floor is not worth a message, nor is a crumb left for the last one.
-        crumb = math.ceil(self.min_seconds / 10 * per_second)
+        crumb = math.ceil(self.shortest() / 10 * per_second)
         size = max(size, crumb)
         if remaining - size < crumb:
             size = remaining
@@ -147,8 +155,16 @@ class BatchSizer:
             cost *= key.per_call
         return 1.0 / max(cost, 1e-9)
 
+    def shortest(self) -> float:
+        """Seconds a batch runs at least, once the cost per call is known."""
+        return max(self.min_seconds, self.cluster / self.max_batches_per_s)
+
+    def longest(self) -> float:
+        """Seconds a batch runs at most."""
+        return max(self.max_seconds, self.shortest())
+
     def _floor(self, per_second: float) -> int:
-        return math.ceil(self.min_seconds * per_second)
+        return math.ceil(self.shortest() * per_second)
 
     def observe(self, key: object, calls: int, seconds: float, *, running: bool = False) -> None:
         """Fold a batch's measured run time into the cost estimate for ``key``.

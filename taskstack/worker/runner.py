@@ -79,7 +79,8 @@ def _run_batch(
         cache = host_cache(
             task.app.conf[names.SHARED_DIR_SETTING], task.app.conf[names.SHARED_EXPIRES_SETTING]
         )
-        request: names.Request = cache.unpickle(body, client)
+        store = shared(task.app.conf[names.SHARED_REDIS_SETTING])  # the broker, unless set
+        request: names.Request = cache.unpickle(body, store)
         calls, setup = request
     except SignatureError as exc:
         _refuse(task, client, reply_to, exc)
