@@ -27,7 +27,9 @@ LOOKAHEAD_PER_PROCESS = 256
 """Items of a lazily read map held ready per worker process, to size its batches from."""
 RETRY_BACKOFF_SECONDS = 0.5
 PIPELINE_BATCHES = 16
-"""Most batches published in one round trip."""
+"""Most batches published in one round trip..."""
+PIPELINE_BYTES = 64 * 1024
+"""...and the payload after which they go without waiting for the next one's."""
 
 
 class Sender:
@@ -82,13 +84,24 @@ class Sender:
                         self.burst_memo = Memo()
                     d._inflight[carved[0].id] = carved[0]
                     ready.append(carved)
-            messages = [self.prepare(batch, calls) for batch, calls in ready]
-            self.publish([m for m in messages if m is not None])
-            with d._cv:
-                for batch, _ in ready:
-                    batch.sent = True
-                d._cv.notify_all()  # wait_sent
-            del head, ready, messages  # the inputs are sent: keep none alive here
+            # Together in one round trip, until their payloads reach PIPELINE_BYTES: a big
+            # batch is not held back while the next ones are pickled.
+            group: list[tuple[InFlight, Message | None]] = []
+            for batch, calls in ready:
+                group.append((batch, self.prepare(batch, calls)))
+                if sum(len(m.kwargs["payload"]) for _, m in group if m) >= PIPELINE_BYTES:
+                    self.send(group)
+                    group = []
+            self.send(group)
+            del head, ready, group  # the inputs are sent: keep none alive here
+
+    def send(self, group: list[tuple[InFlight, Message | None]]) -> None:
+        d = self.dispatcher
+        self.publish([message for _, message in group if message is not None])
+        with d._cv:
+            for batch, _ in group:
+                batch.sent = True
+            d._cv.notify_all()  # wait_sent
 
     def wait_sent(self, future: ClusterFuture[Any], timeout: float) -> bool:
         """Wait until ``future``'s call was published, at most ``timeout`` seconds; at once
