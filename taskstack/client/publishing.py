@@ -1,17 +1,17 @@
 """Batch messages published without ``send_task``: Celery's protocol 2, built once.
 
-``send_task`` cost a client ~1.2 ms of CPU per batch, most of it kombu making a
+``send_task`` cost a client ~1.4 ms of CPU per batch, most of it kombu making a
 new redis-py client (and its table of response callbacks) for every publish
-([benchmarks/scaling.md](../../docs/benchmarks/scaling.md)). A batch message
-differs from the previous one only in its id, its arguments and what Flower
-shows of them, so the message is made once per executor from Celery's own
-:meth:`~celery.app.amqp.AMQP.as_task_v2`, and each batch fills in those fields.
-What goes to Redis is what kombu's Redis transport (the version in the lock
-file) sends for ``send_task``: an ``LPUSH`` of the JSON envelope (body in
-base64) onto the queue's key for priority 0, and, as the app sends task-sent
-events for Flower, a ``PUBLISH`` of the event on kombu's fanout topic for
-``celeryev``. Several batches ready at once go in one round trip, on a
-connection of the publisher's own past redis-py's client layer.
+(docs/benchmarks/scaling.md). A batch message differs from the previous one
+only in its id, its arguments and what Flower shows of them, so the message is
+made once per executor from Celery's own ``as_task_v2``, and each batch fills
+in those fields. What goes to Redis is what kombu's Redis transport (the
+version in the lock file) sends for ``send_task``: an ``LPUSH`` of the JSON
+envelope (body in base64) onto the queue's key for priority 0, and, if the
+app sends task-sent events (an executor's own app does not), a ``PUBLISH`` of
+the event on kombu's fanout topic for ``celeryev``. Several batches ready at
+once go in one round trip, on a connection of the publisher's own, past
+redis-py's client layer.
 
 Workers, Flower and ``revoke`` cannot tell the difference (a test compares the
 envelope with ``send_task``'s key for key): the intake guard, Celery's
