@@ -28,8 +28,9 @@ LOOKAHEAD_PER_PROCESS = 256
 RETRY_BACKOFF_SECONDS = 0.5
 PIPELINE_BATCHES = 16
 """Most batches published in one round trip..."""
-PIPELINE_BYTES = 64 * 1024
-"""...and the payload after which they go without waiting for the next one's."""
+PIPELINE_BYTES = 8 * 1024
+"""...and the payload after which they go without waiting for the next one's: one-call
+batches share a round trip, a big batch never waits for another to be pickled."""
 
 
 class Sender:
@@ -51,6 +52,15 @@ class Sender:
         self.thread.start()
 
     def run(self) -> None:
+        try:
+            # Before the first batch, as send_task's producer was: its connection is set up
+            # outside the time a map takes. Made in this thread, as send_task would (its
+            # reply_to is the thread's); if Redis refuses now, the first publish retries.
+            self.publisher = Publisher(
+                self.dispatcher.app, self.dispatcher.redis, self.dispatcher.queue
+            )
+        except Exception as exc:  # kombu's or redis-py's errors
+            logger.warning("could not prepare the batch messages yet: %s", exc)
         try:
             self._loop()
         finally:
@@ -161,7 +171,6 @@ class Sender:
         while messages:
             try:
                 if self.publisher is None:
-                    # Made in this thread, as send_task would (its reply_to is the thread's).
                     self.publisher = Publisher(d.app, d.redis, d.queue)
                 self.publisher.publish(messages)
                 return
