@@ -128,6 +128,7 @@ def create_app(settings: Settings) -> Celery:
     app.conf[c.MAX_PAYLOAD_SETTING] = settings.max_payload_bytes
     app.conf[c.SHARED_DIR_SETTING] = settings.shared_dir
     app.conf[c.SHARED_EXPIRES_SETTING] = settings.shared_expires
+    app.conf[c.SHARED_REDIS_SETTING] = settings.shared_url
     # Celery holds every ETA task it is offered; past this many, a worker parks them.
     app.conf[c.MAX_ETA_TASKS_SETTING] = settings.max_eta_tasks
     return app

@@ -117,6 +117,10 @@ SHARED_DIR_SETTING: Final = "taskstack_shared_dir"
 
 SHARED_EXPIRES_SETTING: Final = "taskstack_shared_expires"
 
+SHARED_REDIS_SETTING: Final = "taskstack_shared_backend"
+"""The Redis URL of shared data. Named a *backend* so that Celery hides its password when
+a worker's configuration is inspected, as it does the result backend's."""
+
 MAX_ETA_TASKS_SETTING: Final = "taskstack_max_eta_tasks"
 
 # -- the executor's reply protocol ---------------------------------------------------------

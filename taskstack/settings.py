@@ -75,10 +75,17 @@ class Settings:
     shared_dir: str = ""
     """Directory where a worker host keeps shared data; a client that shares it with a live
     worker writes there itself. Empty: the system's temp dir."""
+    shared_redis_url: str = ""
+    """Redis that holds shared data (clients upload there, workers download from there), so
+    that big transfers keep off the broker's main thread. Empty: ``REDIS_URL``."""
     redis_maxmemory: int = 4 * 1024**3
     """Bytes Redis may hold (``maxmemory``); full, it refuses writes and evicts nothing."""
     redis_retry_seconds: float = 30.0
     """How long a client retries a Redis that went away before its calls fail."""
+    redis_max_batches_per_s: float = 1000.0
+    """Batches per second the executors keep the whole cluster under: with more worker
+    processes than this x 0.1 s, batches run longer than 0.1 s. Half what one Redis
+    sustained on the development machine (docs/benchmarks/scaling.md)."""
     batch_expires: float = 86400.0
     """Seconds after it is sent until workers refuse a batch, and any copy of it, unopened."""
     secret: str = DEFAULT_SECRET
@@ -97,16 +104,9 @@ class Settings:
     """Port of Prometheus on this host (compose.yaml publishes it, ``taskstack-local`` runs it)."""
 
     def __post_init__(self) -> None:
-        url = urlsplit(self.redis_url)
-        if url.scheme not in ("redis", "rediss"):
-            raise SettingsError(
-                f"REDIS_URL must start with redis:// or rediss://, got {self.redis_url!r}"
-            )
-        if not url.password:
-            raise SettingsError(
-                "REDIS_URL has no password: use redis://:PASSWORD@HOST:PORT/DB "
-                "(the stack's Redis always requires one)"
-            )
+        _check_url("REDIS_URL", self.redis_url)
+        if self.shared_redis_url:
+            _check_url("SHARED_REDIS_URL", self.shared_redis_url)
         for field, (name, parse) in ENV_VARS.items():  # every count, size, duration and port
             value = getattr(self, field)
             numeric = parse in (int, float) and field != "metrics_port"  # 0 turns metrics off
@@ -211,8 +211,24 @@ class Settings:
             )
 
     @property
+    def shared_url(self) -> str:
+        """Where shared data lives: ``SHARED_REDIS_URL``, or the broker."""
+        return self.shared_redis_url or self.redis_url
+
+    @property
     def flower_basic_auth(self) -> str:
         return f"{self.flower_user}:{self.flower_password}"
+
+
+def _check_url(name: str, value: str) -> None:
+    url = urlsplit(value)
+    if url.scheme not in ("redis", "rediss"):
+        raise SettingsError(f"{name} must start with redis:// or rediss://, got {value!r}")
+    if not url.password:
+        raise SettingsError(
+            f"{name} has no password: use redis://:PASSWORD@HOST:PORT/DB "
+            "(the stack's Redis always requires one)"
+        )
 
 
 ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
@@ -234,8 +250,10 @@ ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "shared_max_bytes": ("SHARED_MAX_BYTES", int),
     "shared_expires": ("SHARED_EXPIRES", int),
     "shared_dir": ("SHARED_DIR", str),
+    "shared_redis_url": ("SHARED_REDIS_URL", str),
     "redis_maxmemory": ("REDIS_MAXMEMORY", int),
     "redis_retry_seconds": ("REDIS_RETRY_SECONDS", float),
+    "redis_max_batches_per_s": ("REDIS_MAX_BATCHES_PER_S", float),
     "batch_expires": ("BATCH_EXPIRES", float),
     "secret": ("TASKSTACK_SECRET", str),
     "flower_user": ("FLOWER_USER", str),

@@ -11,11 +11,9 @@ the last ones are sized from when each process is expected to be free
 
 from __future__ import annotations
 
-import functools
 import heapq
 import math
 import time
-import types
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -23,22 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from taskstack import names
+from taskstack.client.costs import ItemsKey, cost_key, joblib_items
 from taskstack.client.futures import ClusterFuture
 from taskstack.client.results import MapJob
-
-
-@dataclass(frozen=True)
-class ItemsKey:
-    """The cost key of joblib's batches: the function inside them, costed per item.
-
-    joblib hands the backend ``BatchedCalls`` objects of varying length; their
-    cost is learnt per item of the function they run, so that the backend
-    sizes its next batches from it (:mod:`taskstack.client.joblib_backend`).
-    """
-
-    fn: object
-    per_call: float = field(default=1.0, compare=False)
-    """Items per ``BatchedCalls`` in the batch measured (not part of the key)."""
 
 
 @dataclass
@@ -57,6 +42,14 @@ class BatchSizer:
     processes ran at 0.87-0.90x ``multiprocessing.Pool``'s speed; at 100 ms, 0.92x)."""
     max_seconds: float = 2.0
     """...and at most this long, so results and progress keep flowing."""
+    max_batches_per_s: float = 1000.0
+    """The batch rate of the whole cluster stays under this (``REDIS_MAX_BATCHES_PER_S``):
+    with every process busy, ``cluster`` processes ask for ``cluster / d`` batches a second,
+    so the floor rises to ``cluster / max_batches_per_s`` seconds once that is above
+    ``min_seconds``, and the ceiling with it. One Redis then stays below saturation however
+    many processes there are; the price is coarser balance at the end of short maps."""
+    cluster: int = 0
+    """Worker processes of the whole cluster (every client's), from the capacity beacon."""
     smoothing: float = 0.3
     """Weight of the newest measurement in the running cost estimate."""
     jump: float = 4.0
@@ -79,7 +72,7 @@ class BatchSizer:
             # than processes for the rest: an estimate learnt on cheaper calls of the
             # same function would otherwise leave processes idle at the end.
             floor = min(self._floor(per_second), math.ceil(remaining / processes))
-            ceiling = max(1, math.floor(self.max_seconds * per_second))
+            ceiling = max(1, math.floor(self.longest() * per_second))
             guided = min(max(guided, floor), ceiling)
         return max(1, min(guided, remaining))
 
@@ -131,7 +124,7 @@ class BatchSizer:
         size = math.ceil((level - ends[0]) * per_second - 1e-6)  # not 117 for 116.0000001
         # A batch boundary costs a process 5-10 ms: levelling by less than a tenth of the
         # floor is not worth a message, nor is a crumb left for the last one.
-        crumb = math.ceil(self.min_seconds / 10 * per_second)
+        crumb = math.ceil(self.shortest() / 10 * per_second)
         size = max(size, crumb)
         if remaining - size < crumb:
             size = remaining
@@ -149,8 +142,16 @@ class BatchSizer:
             cost *= key.per_call
         return 1.0 / max(cost, 1e-9)
 
+    def shortest(self) -> float:
+        """Seconds a batch runs at least, once the cost per call is known."""
+        return max(self.min_seconds, self.cluster / self.max_batches_per_s)
+
+    def longest(self) -> float:
+        """Seconds a batch runs at most."""
+        return max(self.max_seconds, self.shortest())
+
     def _floor(self, per_second: float) -> int:
-        return math.ceil(self.min_seconds * per_second)
+        return math.ceil(self.shortest() * per_second)
 
     def observe(self, key: object, calls: int, seconds: float, *, running: bool = False) -> None:
         """Fold a batch's measured run time into the cost estimate for ``key``.
@@ -221,30 +222,6 @@ class InFlight:
     message: dict[str, Any] | None = None
     """The batch task's arguments as published, while this process may still run the
     batch itself (:mod:`taskstack.client.helping`); dropped once it started or settled."""
-
-
-def cost_key(fn: Callable[..., Any]) -> object:
-    """What calls of ``fn`` cost alike by: its code, never ``fn`` itself, which the
-    sizer's keys (kept for good) would keep alive with its instance or arguments."""
-    inner = joblib_items(fn)
-    if inner:
-        return ItemsKey(cost_key(inner[0][0]), len(inner))
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    if isinstance(code, types.CodeType):
-        return code
-    # A builtin, a class, a ufunc, a callable instance: named, not held (list.append's list).
-    names = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
-    return type(fn), *(name if isinstance(name, str) else None for name in names)
-
-
-def joblib_items(fn: object) -> list[Any] | None:
-    """The calls inside a joblib ``BatchedCalls``; None for any other callable."""
-    if type(fn).__name__ != "BatchedCalls":
-        return None
-    items = getattr(fn, "items", None)
-    return items if isinstance(items, list) else None
 
 
 def carve(

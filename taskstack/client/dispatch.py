@@ -1,15 +1,15 @@
 """The client engine shared by the executor, the pool and the joblib backend.
 
-Two threads per client: the *sender* carves batches out of pending work and
-publishes them as Celery tasks; the *receiver* blocks on the client's reply
-list (``BLPOP``, no polling) and settles futures as outcomes arrive. At most
-two batches per worker process are out at a time (one running, one queued
-behind it), so batch sizes keep adapting to the measured cost per call.
+Two threads per client: the *sender* carves batches out of pending work and publishes
+them as Celery task messages; the *receiver* blocks on the client's reply list
+(``BLPOP``, no polling) and settles futures as outcomes arrive. At most two batches
+per worker process are out at a time (one running, one queued behind it), so batch
+sizes keep adapting to the measured cost per call.
 
-Nothing waits forever: a broker that stays away longer than
-``REDIS_RETRY_SECONDS`` fails every unsettled future with ``ConnectionError``;
-cancelled and stopped work is dropped at once; work submitted before the
-interpreter exits is run (or, on Ctrl-C, reported) before it exits.
+Nothing waits forever: a broker that stays away longer than ``REDIS_RETRY_SECONDS``
+fails every unsettled future with ``ConnectionError``; cancelled and stopped work is
+dropped at once; work submitted before the interpreter exits is run (or, on Ctrl-C,
+reported) before it exits.
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ class Dispatcher:
         self.queue = queue_name
         self.signer = Signer(secret)
         self.max_payload_bytes = max_payload_bytes
-        self.batch_expires = (shared or Settings()).batch_expires
+        self.batch_expires = (settings := shared or Settings()).batch_expires
         self.retry_seconds = retry_seconds
         self.max_workers = max_workers
         self.setup = setup
-        self.sizer = sizer or BatchSizer()
+        self.sizer = sizer or BatchSizer(max_batches_per_s=settings.redis_max_batches_per_s)
         self.id = uuid.uuid4().hex
         self.reply_key = names.REPLY_KEY_PREFIX + self.id
         self.url = masked(app.conf.broker_url)
@@ -79,9 +79,7 @@ class Dispatcher:
         except redis.RedisError as exc:
             self.redis.close()
             raise ConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
-        self.store = SharedStore.configured(
-            self.redis, self.id, shared or Settings(), hosts=self._hosts
-        )
+        self.store = SharedStore.configured(self.redis, self.id, settings, hosts=self._hosts)
         self._cv = threading.Condition()
         self._pending: deque[Submitted | MapJob] = deque()
         self._inflight: dict[str, InFlight] = {}
@@ -128,6 +126,7 @@ class Dispatcher:
         self._capacity_read = now
         try:
             self._capacity = capacity.capacity(self.redis, self.queue)
+            self.sizer.cluster = self._capacity.processes
         except redis.RedisError as exc:
             logger.warning("could not read worker capacity from %s: %s", self.url, exc)
 
@@ -282,6 +281,7 @@ class Dispatcher:
                 self.redis.delete(self.reply_key)
                 self.store.release()
             self.redis.close()
+            self.store.redis.close()
             self._closed.set()
             _live.discard(self)
 

@@ -42,7 +42,7 @@ from joblib._parallel_backends import (
 )
 
 from taskstack import names
-from taskstack.client.batching import ItemsKey, cost_key, joblib_items
+from taskstack.client.costs import ItemsKey, cost_key, joblib_items
 from taskstack.client.executor import ClusterExecutor
 from taskstack.client.helping import Helper, in_cluster_call
 from taskstack.client.parallel_calls import ParallelCalls

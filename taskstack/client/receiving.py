@@ -38,6 +38,7 @@ class Receiver:
         self.quit = threading.Event()
         self.thread = threading.Thread(target=self.run, name="taskstack-receiver", daemon=True)
         self.connection: Any = None
+        self.blpop: list[bytes] = []
 
     def start(self) -> None:
         self.thread.start()
@@ -87,8 +88,9 @@ class Receiver:
         below the socket timeout."""
         if self.connection is None:
             self.connection = self.dispatcher.redis.connection_pool.get_connection()
+            self.blpop = self.connection.pack_command("BLPOP", self.dispatcher.reply_key, 1)
         try:
-            self.connection.send_command("BLPOP", self.dispatcher.reply_key, 1)
+            self.connection.send_packed_command(self.blpop)  # packed once: the same each time
             popped: list[bytes] | None = self.connection.read_response()
         except BaseException:
             self.connection.disconnect()  # the next call connects afresh

@@ -14,6 +14,7 @@ from taskstack.client.batching import InFlight, carve
 from taskstack.client.futures import ClusterFuture
 from taskstack.client.helping import in_cluster_call
 from taskstack.client.packing import pack
+from taskstack.client.publishing import Message, Publisher
 from taskstack.client.results import MapJob
 from taskstack.client.sharing import Memo
 from taskstack.signing import BatchSeal
@@ -26,6 +27,11 @@ logger = logging.getLogger(__name__)
 LOOKAHEAD_PER_PROCESS = 256
 """Items of a lazily read map held ready per worker process, to size its batches from."""
 RETRY_BACKOFF_SECONDS = 0.5
+PIPELINE_BATCHES = 16
+"""Most batches published in one round trip..."""
+PIPELINE_BYTES = 8 * 1024
+"""...and the payload after which they go without waiting for the next one's: one-call
+batches share a round trip, a big batch never waits for another to be pickled."""
 
 
 class Sender:
@@ -44,42 +50,72 @@ class Sender:
         # A cluster call may run its own batches while it waits (helping.py): their
         # messages are kept until a worker starts them.
         self.keeps_messages = in_cluster_call()
+        self.publisher: Publisher | None = None
 
     def start(self) -> None:
         self.thread.start()
 
     def run(self) -> None:
+        try:
+            # Before the first batch, as send_task's producer was: its connection is set up
+            # outside the time a map takes. Made in this thread, as send_task would (its
+            # reply_to is the thread's); if Redis refuses now, the first publish retries.
+            self.publisher = Publisher(
+                self.dispatcher.app, self.dispatcher.redis, self.dispatcher.queue
+            )
+        except Exception as exc:  # kombu's or redis-py's errors
+            logger.warning("could not prepare the batch messages yet: %s", exc)
+        try:
+            self._loop()
+        finally:
+            if self.publisher is not None:
+                self.publisher.close()
+
+    def _loop(self) -> None:
         d = self.dispatcher
-        with d.app.producer_or_acquire() as producer:
-            while True:
-                with d._cv:
-                    d._cv.wait_for(
-                        lambda: (d._stopping and not d._pending) or (bool(d._pending) and d._room())
-                    )
-                    if not d._pending:
-                        return
-                    head = d._pending[0]
-                d._refresh_capacity()  # workers scaled up mid-map take their share
-                if isinstance(head, MapJob) and head.total is None:
-                    # A lazy input is user code: read outside the lock, and only by this thread.
-                    head.read_ahead(head.chunksize or LOOKAHEAD_PER_PROCESS * d.processes)
-                with d._cv:
-                    if not d._pending:
-                        continue
+        while True:
+            with d._cv:
+                d._cv.wait_for(
+                    lambda: (d._stopping and not d._pending) or (bool(d._pending) and d._room())
+                )
+                if not d._pending:
+                    return
+                head = d._pending[0]
+            d._refresh_capacity()  # workers scaled up mid-map take their share
+            if isinstance(head, MapJob) and head.total is None:
+                # A lazy input is user code: read outside the lock, and only by this thread.
+                head.read_ahead(head.chunksize or LOOKAHEAD_PER_PROCESS * d.processes)
+            ready: list[tuple[InFlight, names.Batch]] = []
+            with d._cv:
+                # Every batch there is room for goes in one round trip.
+                while d._pending and d._room() and len(ready) < PIPELINE_BATCHES:
                     carved = carve(d._pending, d.sizer, d.processes, d._inflight.values())
                     if carved is None:
                         # Cancelled work left the queue: drain() may be waiting for that.
                         d._cv.notify_all()
-                        continue
-                    batch, calls = carved
+                        break
                     if not d._inflight:
                         self.burst_memo = Memo()
-                    d._inflight[batch.id] = batch
-                self.send(producer, batch, calls)
-                with d._cv:
-                    batch.sent = True
-                    d._cv.notify_all()  # wait_sent
-                del head, carved, batch, calls  # the inputs are sent: keep none alive here
+                    d._inflight[carved[0].id] = carved[0]
+                    ready.append(carved)
+            # Together in one round trip, until their payloads reach PIPELINE_BYTES: a big
+            # batch is not held back while the next ones are pickled.
+            group: list[tuple[InFlight, Message | None]] = []
+            for batch, calls in ready:
+                group.append((batch, self.prepare(batch, calls)))
+                if sum(len(m.kwargs["payload"]) for _, m in group if m) >= PIPELINE_BYTES:
+                    self.send(group)
+                    group = []
+            self.send(group)
+            del head, ready, group  # the inputs are sent: keep none alive here
+
+    def send(self, group: list[tuple[InFlight, Message | None]]) -> None:
+        d = self.dispatcher
+        self.publish([message for _, message in group if message is not None])
+        with d._cv:
+            for batch, _ in group:
+                batch.sent = True
+            d._cv.notify_all()  # wait_sent
 
     def wait_sent(self, future: ClusterFuture[Any], timeout: float) -> bool:
         """Wait until ``future``'s call was published, at most ``timeout`` seconds; at once
@@ -101,7 +137,8 @@ class Sender:
                 timeout,
             )
 
-    def send(self, producer: Any, batch: InFlight, calls: names.Batch) -> None:
+    def prepare(self, batch: InFlight, calls: names.Batch) -> Message | None:
+        """The message of ``batch``, signed; None if it cannot be sent (settled here)."""
         d = self.dispatcher
         # Bound to this batch: a copy under another id, or after the deadline, is refused.
         seal = BatchSeal(batch.id, d.reply_key, time.time() + d.batch_expires)
@@ -118,7 +155,7 @@ class Sender:
             )
         except Exception as exc:  # PayloadTooLarge, VersionMismatch, an unpicklable setup
             d._receiver.settle_failure(batch, exc)
-            return
+            return None
         stop_keys = [claims.stop_key(d.id)]
         if batch.job is not None:
             stop_keys.append(claims.stop_key(batch.job.id))
@@ -133,31 +170,25 @@ class Sender:
         if self.keeps_messages:
             batch.message = kwargs
         # What Flower shows for the batch: what it runs, never the (signed) pickle.
-        described = describe(batch, calls, d.id)
+        return Message(batch.id, kwargs, describe(batch, calls, d.id))
+
+    def publish(self, messages: list[Message]) -> None:
+        """Publish ``messages``, retrying for the client's retry time."""
+        d = self.dispatcher
         deadline = time.monotonic() + d.retry_seconds
-        while True:
+        while messages:
             try:
-                d.app.send_task(
-                    names.RUN_BATCH,
-                    kwargs=kwargs,
-                    task_id=batch.id,
-                    queue=d.queue,
-                    producer=producer,
-                    retry=False,
-                    # Outcomes come by the reply list: no result-backend subscription.
-                    ignore_result=True,
-                    argsrepr="()",
-                    kwargsrepr=described,
-                )
+                if self.publisher is None:
+                    self.publisher = Publisher(d.app, d.redis, d.queue)
+                self.publisher.publish(messages)
                 return
-            except Exception as exc:  # kombu's OperationalError, redis-py's errors
+            except Exception as exc:  # redis-py's errors, kombu's while it names the keys
                 if time.monotonic() >= deadline:
                     logger.error("could not send to %s for %.0f s: %s", d.url, d.retry_seconds, exc)
                     d.fail_all(ConnectionError(f"Redis at {d.url} unreachable: {exc}"))
                     return
-                with d._cv:
-                    if batch.id not in d._inflight:  # dropped meanwhile (abort, cancel)
-                        return
+                with d._cv:  # those dropped meanwhile (abort, cancel) are not sent again
+                    messages = [m for m in messages if m.id in d._inflight]
                 time.sleep(RETRY_BACKOFF_SECONDS)  # back off before the next attempt
 
     def memo(self, batch: InFlight) -> Memo:

@@ -34,6 +34,7 @@ import redis
 
 from taskstack import sources
 from taskstack.client.uploads import Uploads
+from taskstack.connections import connect
 from taskstack.errors import PayloadTooLarge
 from taskstack.settings import Settings
 from taskstack.sharing import (
@@ -117,14 +118,16 @@ class SharedStore:
     @classmethod
     def configured(
         cls,
-        client: redis.Redis,
+        broker: redis.Redis,
         owner: str,
         settings: Settings,
         hosts: Callable[[], frozenset[str]] = frozenset,
     ) -> SharedStore:
-        """A store with the ``SHARED_*`` settings of ``settings``."""
+        """A store with the ``SHARED_*`` settings of ``settings``: on ``broker``, or on a Redis
+        of its own (``SHARED_REDIS_URL``), where big transfers keep off the broker's thread."""
+        url = settings.shared_redis_url
         return cls(
-            client,
+            connect(url) if url else broker,
             owner,
             min_bytes=settings.shared_min_bytes,
             max_bytes=settings.shared_max_bytes,

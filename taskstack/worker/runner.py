@@ -114,7 +114,8 @@ def open_batch(
     blob = base64.b64decode(payload, validate=True)
     body = signer.open_batch(blob, batch_id=batch_id, reply_to=reply_to, now=time.time())
     cache = host_cache(conf[names.SHARED_DIR_SETTING], conf[names.SHARED_EXPIRES_SETTING])
-    request: names.Request = cache.unpickle(body, client)
+    store = shared(conf[names.SHARED_REDIS_SETTING])  # the broker's, unless set
+    request: names.Request = cache.unpickle(body, store)
     return signer, request
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
 from taskstack import ClusterExecutor, names
 from taskstack.app import create_app
-from taskstack.client.batching import cost_key
+from taskstack.client.costs import cost_key
 from taskstack.client.dispatch import Dispatcher
 from taskstack.client.results import MapJob
 from taskstack.settings import Settings
@@ -91,3 +92,17 @@ def test_a_submit_can_wait_until_its_call_is_published(
         assert future._batch is not None and future._batch.sent and not future.done()
         wait_for(future.running, 10, "a worker to start the call")
         future.result(timeout=30)
+
+
+def test_the_batch_floor_follows_the_cluster_the_beacons_announce(
+    redis_server: Settings, cpu_worker: Worker
+) -> None:
+    """``REDIS_MAX_BATCHES_PER_S`` over the processes of every live worker: at 10 batches a
+    second, two or more processes make batches of 0.2 s or more."""
+    settings = replace(redis_server, redis_max_batches_per_s=10.0)
+    with ClusterExecutor(settings=settings) as executor:
+        sizer = executor._dispatcher.sizer
+        cluster = executor._dispatcher._capacity.processes
+        assert cluster >= 2 and sizer.cluster == cluster
+        assert sizer.max_batches_per_s == 10.0
+        assert sizer.shortest() == pytest.approx(cluster / 10.0)

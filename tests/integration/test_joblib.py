@@ -12,7 +12,7 @@ import redis
 
 from taskstack import JOBLIB_BACKEND, names
 from taskstack.capacity import capacity
-from taskstack.client.batching import ItemsKey, cost_key
+from taskstack.client.costs import ItemsKey, cost_key
 from taskstack.client.joblib_backend import TARGET_BATCH_SECONDS
 from taskstack.settings import Settings
 from tests.integration import work
@@ -114,13 +114,13 @@ def test_the_first_single_items_go_out_together(redis_server: Settings, cpu_work
         parallel(joblib.delayed(work.nap)(0.001) for _ in range(100))  # the cost is known now
         sender = parallel._backend._executor._dispatcher._sender
         published: list[int] = []  # joblib batches per message
-        send = sender.send
+        prepare = sender.prepare
 
-        def counting(producer: Any, batch: Any, calls: Any) -> None:
+        def counting(batch: Any, calls: Any) -> Any:
             published.append(len(calls))
-            send(producer, batch, calls)
+            return prepare(batch, calls)
 
-        sender.send = counting
+        sender.prepare = counting
         assert parallel(joblib.delayed(work.nap)(0.001) for _ in range(300)) == [0.001] * 300
     singles = next(i for i, total in enumerate(itertools.accumulate(published)) if total >= 4)
     # One message, unless the sender happened to carve between two of the submits.

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from taskstack.client.batching import BatchSizer, InFlight, ItemsKey, Submitted, carve, cost_key
+from taskstack.client.batching import BatchSizer, InFlight, Submitted, carve
+from taskstack.client.costs import ItemsKey, cost_key
 from taskstack.client.futures import ClusterFuture
 from taskstack.client.results import MapJob
 
@@ -213,3 +214,33 @@ def test_a_cost_key_keeps_nothing_the_callable_holds_alive() -> None:
     assert cost_key(functools.partial(divmod, 7)) == cost_key(divmod)
     assert cost_key(big.append) == (type(big.append), None, "bytearray.append")
     assert cost_key(abs) != cost_key(len)
+
+
+def test_the_floor_rises_with_the_cluster_to_keep_redis_under_its_batch_rate() -> None:
+    sizer = BatchSizer(min_seconds=0.1, max_seconds=2.0, max_batches_per_s=1000)
+    sizer.observe("f", calls=1000, seconds=1.0)  # 1 ms per call
+    for cluster, floor in [(0, 0.1), (2, 0.1), (100, 0.1), (400, 0.4), (1000, 1.0), (4000, 4.0)]:
+        sizer.cluster = cluster
+        assert sizer.shortest() == pytest.approx(floor)
+        if floor > 0.1:  # all busy with floor-long batches: the cluster asks for 1,000/s
+            assert cluster / sizer.shortest() == pytest.approx(1000)
+        calls, processes = round(floor * 1000), max(cluster, 1)
+        # A map worth one floor per process: guided sizing would cut it into batches of
+        # two thirds of that; the floor keeps them whole.
+        assert sizer.size(calls * processes, processes=processes, key="f") == calls
+        assert sizer.size(10**9, processes=1, key="f") == max(2000, calls)  # the ceiling
+    sizer.cluster = 1000
+    assert sizer.longest() == 2.0  # a 1 s floor leaves the 2 s ceiling as it was
+    sizer.cluster = 4000
+    assert sizer.longest() == 4.0  # the ceiling never falls below the floor
+
+
+def test_a_map_end_is_cut_no_finer_than_the_risen_floor() -> None:
+    sizer = BatchSizer(min_seconds=0.1, max_batches_per_s=1000)
+    sizer.observe("f", calls=1000, seconds=1.0)  # 1 ms per call
+    sizer.cluster = 2
+    assert sizer.tail(150, 2, "f", now=0.0) == 75  # the end, levelled over both processes
+    sizer.cluster = 1000  # a 1 s floor: 1,000 calls per process before the end begins
+    assert sizer.tail(150, 2, "f", now=0.0) == 150  # 75 ms each is under a tenth of it
+    assert sizer.tail(1500, 2, "f", now=0.0) == 750
+    assert sizer.tail(2000 * 2, 2, "f", now=0.0) is None  # not the end yet
