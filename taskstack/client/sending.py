@@ -85,29 +85,39 @@ class Sender:
             if isinstance(head, MapJob) and head.total is None:
                 # A lazy input is user code: read outside the lock, and only by this thread.
                 head.read_ahead(head.chunksize or LOOKAHEAD_PER_PROCESS * d.processes)
-            ready: list[tuple[InFlight, names.Batch]] = []
-            with d._cv:
-                # Every batch there is room for goes in one round trip.
-                while d._pending and d._room() and len(ready) < PIPELINE_BATCHES:
-                    carved = carve(d._pending, d.sizer, d.processes, d._inflight.values())
-                    if carved is None:
-                        # Cancelled work left the queue: drain() may be waiting for that.
-                        d._cv.notify_all()
-                        break
-                    if not d._inflight:
-                        self.burst_memo = Memo()
-                    d._inflight[carved[0].id] = carved[0]
-                    ready.append(carved)
-            # Together in one round trip, until their payloads reach PIPELINE_BYTES: a big
-            # batch is not held back while the next ones are pickled.
-            group: list[tuple[InFlight, Message | None]] = []
-            for batch, calls in ready:
-                group.append((batch, self.prepare(batch, calls)))
-                if sum(len(m.kwargs["payload"]) for _, m in group if m) >= PIPELINE_BYTES:
-                    self.send(group)
-                    group = []
-            self.send(group)
-            del head, ready, group  # the inputs are sent: keep none alive here
+            del head
+            # In methods of their own: once sent, no local of this loop keeps an input alive.
+            self.send_all(self.carve_ready())
+
+    def carve_ready(self) -> list[tuple[InFlight, names.Batch]]:
+        """Every batch there is room for, to go in one round trip."""
+        d = self.dispatcher
+        ready: list[tuple[InFlight, names.Batch]] = []
+        with d._cv:
+            while d._pending and d._room() and len(ready) < PIPELINE_BATCHES:
+                carved = carve(d._pending, d.sizer, d.processes, d._inflight.values())
+                if carved is None:
+                    # Cancelled work left the queue: drain() may be waiting for that.
+                    d._cv.notify_all()
+                    break
+                if not d._inflight:
+                    self.burst_memo = Memo()
+                d._inflight[carved[0].id] = carved[0]
+                ready.append(carved)
+        return ready
+
+    def send_all(self, ready: list[tuple[InFlight, names.Batch]]) -> None:
+        """Sends ``ready`` together, until their payloads reach PIPELINE_BYTES: a big batch
+        is not held back while the next ones are pickled."""
+        group: list[tuple[InFlight, Message | None]] = []
+        while ready:
+            batch, calls = ready.pop(0)
+            group.append((batch, self.prepare(batch, calls)))
+            del batch, calls
+            if sum(len(m.kwargs["payload"]) for _, m in group if m) >= PIPELINE_BYTES:
+                self.send(group)
+                group = []
+        self.send(group)
 
     def send(self, group: list[tuple[InFlight, Message | None]]) -> None:
         d = self.dispatcher

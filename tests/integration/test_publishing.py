@@ -131,23 +131,32 @@ def test_flower_shows_a_batch_as_it_shows_a_task_sent_by_send_task(
     """The fields Flower knows of a batch are those it knows of a plain task (sent, as
     an executor's app sends, without task-sent events): received, started, succeeded..."""
     app.conf.task_send_sent_event = False
+    # Flower learns of tasks from events: first it must be receiving this worker's.
+    online = f'flower_worker_online{{worker="{cpu_worker.node}"}} 1.0'
+    wait_for(lambda: online in flower.get("/metrics")[1], 30, "Flower to see the worker's events")
     plain = app.send_task(names.COUNT_PRIMES, (0, 100)).id
     with ClusterExecutor(settings=redis_server) as executor:
         future = executor.submit(work.add, 3, 4)  # not square: test_flower.py counts those
         assert future.result(timeout=30) == 7
-        batch = future._batch
-        assert batch is not None
+        client = executor._dispatcher.id[:12]  # a settled future forgets its batch
 
     def info(task_id: str) -> dict[str, Any] | None:
         status, body = flower.get(f"/api/task/info/{task_id}")
         task: dict[str, Any] = json.loads(body) if status == 200 else {}
         return task if task.get("state") in READY_STATES and task.get("succeeded") else None
 
+    def our_batch() -> str | None:
+        status, body = flower.get(f"/api/tasks?taskname={names.RUN_BATCH}")
+        tasks: dict[str, dict[str, Any]] = json.loads(body) if status == 200 else {}
+        ids = [i for i, task in tasks.items() if f"client={client}" in (task["kwargs"] or "")]
+        return ids[0] if ids else None
+
     theirs = wait_for(lambda: info(plain), 30, "Flower to see the plain task succeed")
-    ours = wait_for(lambda: info(batch.id), 30, "Flower to see the batch succeed")
+    batch_id = wait_for(our_batch, 30, "Flower to list the batch")
+    ours = wait_for(lambda: info(batch_id), 30, "Flower to see the batch succeed")
     assert ours["state"] == "SUCCESS" and ours["name"] == names.RUN_BATCH
     assert ours["args"] == "()" and ours["kwargs"].startswith("{fn=tests.integration.work.add")
-    assert ours["root_id"] == batch.id and ours["worker"] == cpu_worker.node
+    assert ours["root_id"] == batch_id and ours["worker"] == cpu_worker.node
     shown = {key for key, value in ours.items() if value is not None}
     assert shown == {key for key, value in theirs.items() if value is not None}
 

@@ -49,7 +49,7 @@ def test_shared_data_goes_through_the_shared_redis_not_the_broker(
     # worker "on another host" (its own shared directory), so the data must cross Redis.
     url = shared_redis.get_connection_kwargs()
     shared_url = f"redis://:{url['password']}@127.0.0.1:{url['port']}/0"
-    broker = replace(redis_server, redis_url=redis_server.redis_url.rsplit("/", 1)[0] + "/3")
+    broker = replace(redis_server, redis_url=redis_server.redis_url.rsplit("/", 1)[0] + "/4")
     settings = replace(broker, shared_redis_url=shared_url)
     start_worker(names.CPU_QUEUE, replace(settings, shared_dir=str(tmp_path / "worker-host")))
     client_side = replace(settings, shared_dir=str(tmp_path / "client-host"))
