@@ -133,8 +133,3 @@ def masked(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
-
-
-def masked_broker(url: str) -> str:
-    """A broker URL (kombu's ``;``-separated Sentinel form too) with its passwords masked."""
-    return ";".join(masked(part) for part in url.split(";"))
