@@ -76,6 +76,15 @@ def connect(url: str, **options: Any) -> redis.Redis:
     return client
 
 
+def drop(client: redis.Redis, connection: Any) -> None:
+    """Disconnect ``connection``, taken from ``client``'s pool for a caller's own use, and
+    give it back after a failure. Reused as it is, it would connect again to the address
+    it had (redis-py reconnects a sentinel-managed connection on its own send to its last
+    host, which may be a dead or demoted primary); the pool's next one asks the Sentinels."""
+    connection.disconnect()
+    client.connection_pool.release(connection)
+
+
 def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, dict[str, str]]:
     """A ``redis+sentinel://`` URL's sentinels, primary's name, and password (and user)."""
     parts = urlsplit(url)

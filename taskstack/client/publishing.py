@@ -34,7 +34,7 @@ from celery import Celery
 from celery.utils.time import utcoffset
 
 from taskstack import names
-from taskstack.connections import WAIT_COMMAND, check_acks, replicated
+from taskstack.connections import WAIT_COMMAND, check_acks, drop, replicated
 
 EMBED: Final = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 """Protocol 2's third body element: a batch has no callbacks, chain or chord."""
@@ -164,7 +164,8 @@ class Publisher:
             if self.wait:
                 check_acks(answer)
         except BaseException:
-            connection.disconnect()  # the next publish connects afresh
+            drop(self.client, connection)  # the next publish connects afresh
+            self.connection = None
             raise
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 from taskstack import claims, names
-from taskstack.connections import WAIT_COMMAND, check_acks, replicated
+from taskstack.connections import WAIT_COMMAND, check_acks, drop, replicated
 from taskstack.signing import Signer
 from taskstack.worker.calls import pack_outcomes
 
@@ -106,6 +106,5 @@ class Progress:
         self.broken = True
         self.sent = self.confirmed
         if self.connection is not None:
-            self.connection.disconnect()
-            self.client.connection_pool.release(self.connection)
+            drop(self.client, self.connection)
             self.connection = None
