@@ -110,6 +110,11 @@ def create_app(settings: Settings) -> Celery:
         redis_socket_keepalive=REDIS_CONNECTION["socket_keepalive"],
         redis_backend_health_check_interval=REDIS_CONNECTION["health_check_interval"],
         broker_connection_retry_on_startup=True,
+        # A promoted replica that has no replica of its own yet refuses writes
+        # (NOREPLICAS, `min-replicas-to-write`), BRPOP's too: an error reply, which
+        # kombu counts as a channel error. Reconnecting waits it out, as for a lost
+        # connection; without Sentinels there is no such reply to wait out.
+        broker_channel_error_retry=bool(settings.redis_sentinels),
         broker_connection_max_retries=None,
         result_expires=settings.result_expires,
         result_extended=True,

@@ -59,6 +59,12 @@ def check_acks(acks: int) -> None:
         raise NotReplicated(f"no replica acknowledged the write within {REPLICA_ACK_MS} ms")
 
 
+def refused_for_replicas(exc: BaseException) -> bool:
+    """Whether ``exc`` is a primary refusing a write for want of a replica in sync
+    (``min-replicas-to-write``): a moment of a failover, waited out like a lost connection."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("NOREPLICAS")
+
+
 def connect(url: str, **options: Any) -> redis.Redis:
     """A new client for ``url`` (:attr:`Settings.redis_address`: a Redis, or the primary
     its Sentinels name) with the stack's timeouts, or ``options``; the caller closes it."""

@@ -22,7 +22,7 @@ from celery.exceptions import Ignore, Reject
 from celery.signals import task_failure
 
 from taskstack import claims, names
-from taskstack.connections import WAIT_COMMAND, check_acks, replicated, shared
+from taskstack.connections import WAIT_COMMAND, check_acks, refused_for_replicas, replicated, shared
 from taskstack.errors import PayloadTooLarge, SharedDataGone, SignatureError
 from taskstack.signing import Signer
 from taskstack.worker import metrics, timelimits
@@ -52,7 +52,9 @@ def run_batch(
     """
     try:
         return _run_batch(self, payload, reply_to, notify_start, stop_keys or [])
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+        if isinstance(exc, redis.ResponseError) and not refused_for_replicas(exc):
+            raise
         logger.warning("batch %s: no reply could be delivered (%s); requeued", self.request.id, exc)
         raise Reject(exc, requeue=True) from exc
 
