@@ -6,8 +6,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from celery.app.utils import filter_hidden_settings
 
-from taskstack import connections
+from taskstack import connections, names
+from taskstack.app import create_app
 from taskstack.errors import SettingsError
 from taskstack.settings import Settings
 
@@ -226,3 +228,21 @@ def test_without_sentinels_the_broker_is_redis_url() -> None:
     settings = Settings.from_env({"REDIS_URL": URL})
     assert settings.redis_address == URL
     assert connections.kombu_broker(URL) == (URL, {})
+
+
+def test_with_sentinels_the_app_takes_kombus_sentinel_transport_and_backend() -> None:
+    settings = Settings(redis_url=URL, redis_sentinels=("s1:26379", "s2:26379"))
+    app = create_app(settings)
+    try:
+        assert app.conf.broker_url == "sentinel://:pw@s1:26379/0;sentinel://:pw@s2:26379/0"
+        assert app.conf.result_backend == app.conf.broker_url
+        options = app.conf.broker_transport_options
+        assert options["master_name"] == "taskstack"
+        assert options["visibility_timeout"] == settings.lease_seconds  # today's options kept
+        assert app.conf.result_backend_transport_options["master_name"] == "taskstack"
+        assert app.conf[names.REDIS_SETTING] == settings.redis_address
+        # Celery's inspection of a worker's configuration hides the password.
+        shown = str(filter_hidden_settings(app.conf.table()))
+        assert ":pw@" not in shown
+    finally:
+        app.close()
