@@ -17,7 +17,7 @@ from kombu import Queue
 from kombu.serialization import dumps
 
 from taskstack import names as c
-from taskstack.connections import REDIS_CONNECTION
+from taskstack.connections import REDIS_CONNECTION, kombu_broker
 from taskstack.errors import PayloadTooLarge
 from taskstack.settings import Settings
 
@@ -56,7 +56,10 @@ class App(Celery):  # type: ignore[misc]
 
 def create_app(settings: Settings) -> Celery:
     """Build the stack's Celery app from ``settings``."""
-    app = App("taskstack", broker=settings.redis_url, backend=settings.redis_url)
+    # With Sentinels, kombu's Sentinel transport and Celery's Sentinel backend ask them
+    # for the primary at each (re)connection (taskstack/connections.py).
+    broker, sentinel_options = kombu_broker(settings.redis_address)
+    app = App("taskstack", broker=broker, backend=broker)
     # Redis has no real acks: kombu keeps each delivered, unacknowledged message in
     # its `unacked` hash, scored in `unacked_index` by when it was claimed, and puts
     # back in its queue whatever was claimed longer ago than the visibility timeout.
@@ -73,6 +76,7 @@ def create_app(settings: Settings) -> Celery:
         "unacked_restore_throttle": 1,
         "unacked_restore_limit": None,
         "unacked_mutex_expire": math.ceil(settings.lease_seconds),
+        **sentinel_options,
     }
     app.conf.update(
         task_queues=[Queue(name) for name in c.QUEUES],
@@ -98,6 +102,7 @@ def create_app(settings: Settings) -> Celery:
         # that idle processes elsewhere can take the rest.
         worker_prefetch_multiplier=1,
         broker_transport_options=transport_options,
+        result_backend_transport_options=sentinel_options,
         # The result backend's connections notice a vanished broker like kombu's do
         # (it already retries storing a result for about 20 s).
         redis_socket_timeout=REDIS_CONNECTION["socket_timeout"],
@@ -105,6 +110,11 @@ def create_app(settings: Settings) -> Celery:
         redis_socket_keepalive=REDIS_CONNECTION["socket_keepalive"],
         redis_backend_health_check_interval=REDIS_CONNECTION["health_check_interval"],
         broker_connection_retry_on_startup=True,
+        # A promoted replica that has no replica of its own yet refuses writes
+        # (NOREPLICAS, `min-replicas-to-write`), BRPOP's too: an error reply, which
+        # kombu counts as a channel error. Reconnecting waits it out, as for a lost
+        # connection; without Sentinels there is no such reply to wait out.
+        broker_channel_error_retry=bool(settings.redis_sentinels),
         broker_connection_max_retries=None,
         result_expires=settings.result_expires,
         result_extended=True,
@@ -124,6 +134,7 @@ def create_app(settings: Settings) -> Celery:
     )
     # Not a Celery setting: the batch task's signing key. Celery masks keys that
     # name a SECRET when a worker's configuration is inspected (e.g. by Flower).
+    app.conf[c.REDIS_SETTING] = settings.redis_address
     app.conf[c.SECRET_SETTING] = settings.secret
     app.conf[c.MAX_PAYLOAD_SETTING] = settings.max_payload_bytes
     app.conf[c.SHARED_DIR_SETTING] = settings.shared_dir

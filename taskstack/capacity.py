@@ -67,7 +67,7 @@ class CapacityBeacon(bootsteps.StartStopStep):  # type: ignore[misc]
     terminate = stop
 
     def run(self, worker: Any) -> None:
-        client = shared(worker.app.conf.broker_url)
+        client = shared(worker.app.conf[names.REDIS_SETTING])
         queues = list(worker.app.amqp.queues.consume_from)
         try:
             host = host_token(

@@ -31,6 +31,7 @@ from typing import Final
 import redis
 
 from taskstack import names
+from taskstack.connections import WAIT_COMMAND, check_acks, replicated
 
 TTL_SECONDS: Final = 24 * 3600
 """Claims and stop keys outlive any batch, and expire with the reply lists."""
@@ -138,9 +139,17 @@ def _claim(
 
 
 def record(client: redis.Redis, batch_id: str, reply_to: str, reply: bytes, done: int) -> bool:
-    """Push ``reply`` and record ``done`` calls answered, unless a delivery got further."""
+    """Push ``reply`` and record ``done`` calls answered, unless a delivery got further.
+    Behind Sentinels, only once a replica has them (raises :class:`NotReplicated`)."""
     keys = (reply_to, claim_key(batch_id))
-    return bool(client.eval(PROGRESS_SCRIPT, 2, *keys, reply, done, TTL_SECONDS))
+    with client.pipeline(transaction=False) as pipe:  # WAIT counts this connection's writes
+        pipe.eval(PROGRESS_SCRIPT, 2, *keys, reply, done, TTL_SECONDS)
+        if replicated(client):
+            pipe.execute_command(*WAIT_COMMAND)  # type: ignore[no-untyped-call]
+        pushed, *acks = pipe.execute()
+    for count in acks:
+        check_acks(count)
+    return bool(pushed)
 
 
 def cancel(client: redis.Redis, batch_id: str, field: str = WHOLE_BATCH) -> bool:

@@ -5,15 +5,26 @@ notice a broker that vanished without closing TCP (a partition, a host gone):
 blocking calls give up after 10 s, idle connections are pinged before use
 after 10 s, and kernel keepalives probe the rest. Server-side blocking calls
 (``BLPOP``) use 1 s timeouts, well below the socket timeout.
+
+With Sentinels (``REDIS_SENTINELS``) every connection asks them for the current
+primary each time it connects, and a connection that finds a demoted primary (its
+``READONLY`` answer) drops and connects again: redis-py's sentinel-managed
+connections for redis-py clients, kombu's Sentinel transport and Celery's Sentinel
+result backend for the app. A failover (sentinels' ``CLIENT KILL`` on the demoted
+primary, or the primary's death) breaks every connection to it, so blocked calls
+(``BRPOP``, ``BLPOP``) end too, and their retries reach the new primary.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Final
-from urllib.parse import urlsplit
+from typing import Any, Final
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from taskstack.settings import SENTINEL_SCHEME
 
 REDIS_CONNECTION: Final = {
     "socket_timeout": 10.0,
@@ -22,12 +33,104 @@ REDIS_CONNECTION: Final = {
     "health_check_interval": 10,
 }
 
+REPLICA_ACK_MS: Final = 2000
+"""How long a write that must outlive a failover waits for a replica to have it."""
+
+WAIT_COMMAND: Final = ("WAIT", 1, REPLICA_ACK_MS)
+"""Sent after such a write, on its connection: answers how many replicas have it."""
+
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
 
-def connect(url: str) -> redis.Redis:
-    """A new client for ``url`` with the stack's timeouts; the caller closes it."""
-    return redis.Redis.from_url(url, **REDIS_CONNECTION)
+class NotReplicated(redis.ConnectionError):
+    """No replica acknowledged a write in time: a failover now could lose it, so the
+    writer treats it as not done (and does it again, on the primary of the moment)."""
+
+
+def replicated(client: redis.Redis) -> bool:
+    """Whether ``client`` follows Sentinels: its writes that must outlive a failover
+    wait for a replica (``WAIT``), as replication is asynchronous."""
+    return isinstance(client.connection_pool, SentinelConnectionPool)
+
+
+def check_acks(acks: int) -> None:
+    """Raise :class:`NotReplicated` unless ``WAIT`` answered that a replica has the writes."""
+    if acks < 1:
+        raise NotReplicated(f"no replica acknowledged the write within {REPLICA_ACK_MS} ms")
+
+
+def refused_for_replicas(exc: BaseException) -> bool:
+    """Whether ``exc`` is a primary refusing a write for want of a replica in sync
+    (``min-replicas-to-write``): a moment of a failover, waited out like a lost connection."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("NOREPLICAS")
+
+
+def connect(url: str, **options: Any) -> redis.Redis:
+    """A new client for ``url`` (:attr:`Settings.redis_address`: a Redis, or the primary
+    its Sentinels name) with the stack's timeouts, or ``options``; the caller closes it."""
+    options = {**REDIS_CONNECTION, **options}
+    if urlsplit(url).scheme != SENTINEL_SCHEME:
+        return redis.Redis.from_url(url, **options)
+    sentinels, master, credentials = sentinel_parts(url)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels,
+        sentinel_kwargs={**credentials, **sentinel_timeouts(options)},
+        **credentials,
+        **options,
+    )
+    client: redis.Redis = sentinel.master_for(master, db=database(url))  # type: ignore[no-untyped-call]
+    return client
+
+
+def drop(client: redis.Redis, connection: Any) -> None:
+    """Disconnect ``connection``, taken from ``client``'s pool for a caller's own use, and
+    give it back after a failure. Reused as it is, it would connect again to the address
+    it had (redis-py reconnects a sentinel-managed connection on its own send to its last
+    host, which may be a dead or demoted primary); the pool's next one asks the Sentinels."""
+    connection.disconnect()
+    client.connection_pool.release(connection)
+
+
+def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, dict[str, str]]:
+    """A ``redis+sentinel://`` URL's sentinels, primary's name, and password (and user)."""
+    parts = urlsplit(url)
+    credentials = {}
+    if parts.password:
+        credentials["password"] = unquote(parts.password)
+    if parts.username:
+        credentials["username"] = unquote(parts.username)
+    hosts = parts.netloc.rpartition("@")[2].split(",")
+    sentinels = [(host, int(port)) for host, _, port in (h.rpartition(":") for h in hosts)]
+    (master,) = parse_qs(parts.query)["master"]
+    return sentinels, master, credentials
+
+
+def database(url: str) -> int:
+    return int(urlsplit(url).path.strip("/") or 0)
+
+
+def sentinel_timeouts(options: dict[str, Any]) -> dict[str, Any]:
+    """What of ``options`` applies to the connections to the Sentinels themselves."""
+    keys = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
+    return {key: options[key] for key in keys if key in options}
+
+
+def kombu_broker(url: str) -> tuple[str, dict[str, Any]]:
+    """``url`` as kombu's and Celery's Sentinel URL (``sentinel://...;sentinel://...``)
+    and the transport options that name the primary; a plain Redis URL as it is."""
+    if urlsplit(url).scheme != SENTINEL_SCHEME:
+        return url, {}
+    sentinels, master, credentials = sentinel_parts(url)
+    parts = urlsplit(url)
+    login = parts.netloc.rpartition("@")[0]
+    prefix = f"{login}@" if login else ""
+    db = database(url)
+    broker = ";".join(f"sentinel://{prefix}{host}:{port}/{db}" for host, port in sentinels)
+    options = {
+        "master_name": master,
+        "sentinel_kwargs": {**credentials, **sentinel_timeouts(REDIS_CONNECTION)},
+    }
+    return broker, options
 
 
 def shared(url: str) -> redis.Redis:

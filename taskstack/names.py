@@ -107,6 +107,10 @@ not yet finished: ``count`` of such deliveries, the ``entry`` and its ``queue``.
 
 # -- app.conf keys that are not Celery's -------------------------------------------------
 
+REDIS_SETTING: Final = "taskstack_redis_backend"
+"""The broker as :func:`taskstack.connections.connect` takes it: a Redis, or its Sentinels.
+Named a *backend* so that Celery hides its password, as for the shared data's."""
+
 SECRET_SETTING: Final = "taskstack_secret"
 """The signing secret (Celery masks keys naming SECRET when a worker's config is inspected)."""
 

@@ -21,6 +21,10 @@ DEFAULT_FLOWER_PASSWORD = "taskstack-local"
 DEFAULT_SECRET = "taskstack-local-secret"
 """Safe only while every port is bound to loopback: see :meth:`Settings.check_exposure`."""
 
+SENTINEL_SCHEME = "redis+sentinel"
+"""The scheme of :attr:`Settings.redis_address` with Sentinels (ours: redis-py has no URL
+form for them, kombu's names no primary)."""
+
 MIN_LEASE_SECONDS = 2.0
 """A shorter lease would be renewed more often than a busy machine can promise."""
 
@@ -35,7 +39,14 @@ class Settings:
     each field from the variable :data:`ENV_VARS` names for it."""
 
     redis_url: str = _default_redis_url()
-    """Broker and result backend, ``redis://:PASSWORD@HOST:PORT/DB``; a password is required."""
+    """Broker and result backend, ``redis://:PASSWORD@HOST:PORT/DB``; a password is required.
+    With ``REDIS_SENTINELS``, only its password and database count."""
+    redis_sentinels: tuple[str, ...] = ()
+    """Redis Sentinels, ``HOST:PORT,HOST:PORT``, that name the current primary: every
+    connection follows it across a failover. They take ``REDIS_URL``'s password. Empty:
+    the one Redis of ``REDIS_URL``."""
+    redis_master_name: str = "taskstack"
+    """Name under which the Sentinels monitor the primary (``sentinel monitor <name> ...``)."""
     cpu_concurrency: int | None = None
     """Processes of a ``cpu`` worker; ``None`` means the CPUs this process may use."""
     io_concurrency: int = 16
@@ -107,6 +118,10 @@ class Settings:
         _check_url("REDIS_URL", self.redis_url)
         if self.shared_redis_url:
             _check_url("SHARED_REDIS_URL", self.shared_redis_url)
+        for address in self.redis_sentinels:
+            variables.address(address)
+        if not self.redis_master_name:
+            raise SettingsError("REDIS_MASTER_NAME must not be empty")
         for field, (name, parse) in ENV_VARS.items():  # every count, size, duration and port
             value = getattr(self, field)
             numeric = parse in (int, float) and field != "metrics_port"  # 0 turns metrics off
@@ -211,9 +226,21 @@ class Settings:
             )
 
     @property
+    def redis_address(self) -> str:
+        """The broker for :func:`taskstack.connections.connect`: ``REDIS_URL``, or with
+        ``REDIS_SENTINELS`` a ``redis+sentinel://`` URL that names them and the primary."""
+        if not self.redis_sentinels:
+            return self.redis_url
+        url = urlsplit(self.redis_url)
+        credentials = url.netloc.rpartition("@")[0]
+        hosts = ",".join(self.redis_sentinels)
+        path = f"{url.path or '/0'}?master={quote(self.redis_master_name, safe='')}"
+        return f"{SENTINEL_SCHEME}://{credentials}@{hosts}{path}"
+
+    @property
     def shared_url(self) -> str:
         """Where shared data lives: ``SHARED_REDIS_URL``, or the broker."""
-        return self.shared_redis_url or self.redis_url
+        return self.shared_redis_url or self.redis_address
 
     @property
     def flower_basic_auth(self) -> str:
@@ -233,6 +260,8 @@ def _check_url(name: str, value: str) -> None:
 
 ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "redis_url": ("REDIS_URL", str),
+    "redis_sentinels": ("REDIS_SENTINELS", variables.addresses),
+    "redis_master_name": ("REDIS_MASTER_NAME", str),
     "cpu_concurrency": ("WORKER_CPU_CONCURRENCY", int),
     "io_concurrency": ("WORKER_IO_CONCURRENCY", int),
     "soft_time_limit": ("TASK_SOFT_TIME_LIMIT", float),

@@ -54,6 +54,19 @@ def port(raw: str) -> int:
     return int(raw)
 
 
+def address(raw: str) -> tuple[str, int]:
+    """``HOST:PORT`` as its host and port."""
+    host, _, number = raw.rpartition(":")
+    if not host or not number.isdigit() or not 0 < int(number) < 65536:
+        raise SettingsError(f"REDIS_SENTINELS must list HOST:PORT addresses, got {raw!r}")
+    return host, int(number)
+
+
+def addresses(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of ``HOST:PORT`` (checked by the settings)."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 def modules(raw: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in raw.split(",") if name.strip())
 

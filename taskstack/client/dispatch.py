@@ -72,8 +72,8 @@ class Dispatcher:
         self.sizer = sizer or BatchSizer(max_batches_per_s=settings.redis_max_batches_per_s)
         self.id = uuid.uuid4().hex
         self.reply_key = names.REPLY_KEY_PREFIX + self.id
-        self.url = masked(app.conf.broker_url)
-        self.redis = connect(app.conf.broker_url)
+        self.url = masked(app.conf[names.REDIS_SETTING])
+        self.redis = connect(app.conf[names.REDIS_SETTING])
         try:
             self.redis.ping()
         except redis.RedisError as exc:

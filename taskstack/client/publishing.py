@@ -34,6 +34,7 @@ from celery import Celery
 from celery.utils.time import utcoffset
 
 from taskstack import names
+from taskstack.connections import WAIT_COMMAND, check_acks, drop, replicated
 
 EMBED: Final = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 """Protocol 2's third body element: a batch has no callbacks, chain or chord."""
@@ -54,6 +55,11 @@ class Publisher:
     def __init__(self, app: Celery, client: redis.Redis, queue: str) -> None:
         self.client = client
         self.connection: Any = None
+        # Behind Sentinels a batch counts as published once a replica has it: a
+        # failover could lose it otherwise, and nothing would ever send it again.
+        self.wait: list[tuple[bytes, ...]] = []
+        if replicated(client):
+            self.wait = [tuple(str(part).encode() for part in WAIT_COMMAND)]
         # The fields Celery would set (origin, time limits, protocol version...), once.
         headers, properties, _, sent = app.amqp.as_task_v2(
             slot("id"),
@@ -147,15 +153,19 @@ class Publisher:
         """Publish ``messages`` in one round trip; raises ``redis.RedisError`` (then
         none, some or all of them may have been published)."""
         commands = [command for message in messages for command in self.commands(message)]
+        commands += self.wait
         if self.connection is None:
             self.connection = self.client.connection_pool.get_connection()
         connection = self.connection
         try:
             connection.send_packed_command([b"".join(map(_resp, commands))])
             for _ in commands:
-                connection.read_response()  # raises an error reply
+                answer = connection.read_response()  # raises an error reply
+            if self.wait:
+                check_acks(answer)
         except BaseException:
-            connection.disconnect()  # the next publish connects afresh
+            drop(self.client, connection)  # the next publish connects afresh
+            self.connection = None
             raise
 
     def close(self) -> None:

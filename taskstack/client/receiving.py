@@ -14,6 +14,7 @@ import redis
 from taskstack import names
 from taskstack.client.batching import InFlight
 from taskstack.client.futures import batch_failure, mark_running, settle
+from taskstack.connections import drop
 from taskstack.errors import RemoteError, SignatureError, UnboundPayload
 
 if TYPE_CHECKING:
@@ -93,7 +94,8 @@ class Receiver:
             self.connection.send_packed_command(self.blpop)  # packed once: the same each time
             popped: list[bytes] | None = self.connection.read_response()
         except BaseException:
-            self.connection.disconnect()  # the next call connects afresh
+            drop(self.dispatcher.redis, self.connection)  # the next call connects afresh
+            self.connection = None
             raise
         return popped
 

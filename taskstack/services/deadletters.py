@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands.add_parser("purge", help="delete every record")
     args = parser.parse_args(argv)
     settings = Settings.for_service("taskstack-deadletters")
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_address)
     try:
         if args.command == "list":
             list_letters(client)

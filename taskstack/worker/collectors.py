@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from taskstack import names
+from taskstack.connections import connect
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -88,7 +89,7 @@ class QueueLength:
 
     def __init__(self, queue: str, redis_url: str) -> None:
         self.queue = queue
-        self.client = redis.Redis.from_url(
+        self.client = connect(
             redis_url, socket_timeout=QUEUE_LENGTH_TIMEOUT, socket_connect_timeout=1.0
         )
 

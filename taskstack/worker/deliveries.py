@@ -96,6 +96,6 @@ def _finished(task_id: str | None = None, task: Task | None = None, **_: Any) ->
     if not (request.retries or (request.delivery_info or {}).get("redelivered")):
         return  # never counted: a first delivery costs nothing
     try:
-        forget(shared(task.app.conf.broker_url), task_id)
+        forget(shared(task.app.conf[names.REDIS_SETTING]), task_id)
     except redis.RedisError as exc:  # the count expires by itself
         logger.warning("task %s: could not forget its deliveries: %s", task_id, exc)

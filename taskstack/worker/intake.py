@@ -73,7 +73,7 @@ class _Intake:
 
     @property
     def client(self) -> redis.Redis:
-        return shared(self.settings.redis_url)
+        return shared(self.settings.redis_address)
 
 
 _intake: _Intake | None = None

@@ -44,6 +44,7 @@ import redis
 from celery import bootsteps
 from kombu.transport import virtual
 
+from taskstack import names
 from taskstack.connections import shared
 from taskstack.worker import shutdown
 
@@ -138,7 +139,7 @@ class Leases(bootsteps.StartStopStep):  # type: ignore[misc]
         return confirmed is not None and time.monotonic() - confirmed > self.lease - self.interval
 
     def run(self, consumer: Any) -> None:
-        client = shared(consumer.app.conf.broker_url)
+        client = shared(consumer.app.conf[names.REDIS_SETTING])
         while True:  # until the process exits: a daemon thread
             time.sleep(self.interval)
             silent = (

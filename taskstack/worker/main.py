@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.metrics_address,
         args.queue,
         names.node_name(args.queue, node_host),
-        settings.redis_url,
+        settings.redis_address,
     )
     app = create_app(settings)
     app.conf.worker_pool = pool_for(args.queue)

@@ -31,7 +31,7 @@ def run_here(conf: Any, batch_id: str, message: dict[str, Any], origin: Context 
     later, and its replies go to the reply list as a worker's would. A batch that
     fails here as a whole answers its client as a worker's would, then raises.
     """
-    client = shared(conf.broker_url)
+    client = shared(conf[names.REDIS_SETTING])
     reply_to: str = message["reply_to"]
     notice = (reply_to, names.STARTED + batch_id.encode()) if message["notify_start"] else None
     cancelled = claims.take(client, batch_id, notice)

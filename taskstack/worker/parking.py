@@ -119,7 +119,7 @@ class Parking(bootsteps.StartStopStep):  # type: ignore[misc]
         conf = consumer.app.conf
         self.lease = float(conf.broker_transport_options["visibility_timeout"])
         self.limit = int(conf[names.MAX_ETA_TASKS_SETTING])
-        self.client = shared(conf.broker_url)
+        self.client = shared(conf[names.REDIS_SETTING])
         self.timer_entry: Any = None
 
     def start(self, consumer: Any) -> None:

@@ -11,7 +11,9 @@ most :data:`~taskstack.names.PROGRESS_SECONDS` of finished quick ones).
 Segments are sent without waiting for Redis's answer, which is read before the
 next one goes: the calls run on meanwhile, and the round trip costs them
 nothing. A segment that cannot be sent is not an error: its outcomes go with
-the next one, or with the batch's last reply, which is sent as before.
+the next one, or with the batch's last reply, which is sent as before. Behind
+Sentinels a segment counts as sent once a replica has it (``WAIT``, read with
+the answer), so a failover never loses outcomes the batch will not send again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import redis
 
 from taskstack import claims, names
+from taskstack.connections import WAIT_COMMAND, check_acks, drop, replicated
 from taskstack.signing import Signer
 from taskstack.worker.calls import pack_outcomes
 
@@ -49,6 +52,7 @@ class Progress:
         self.connection: Any = None
         self.awaiting = False
         self.broken = False
+        self.replicated = replicated(client)
 
     def __call__(self, outcomes: list[names.Outcome]) -> None:
         """Send the outcomes not sent yet; :func:`~taskstack.worker.calls.run_calls`
@@ -70,6 +74,8 @@ class Progress:
             self.connection.send_command(
                 "EVAL", script, 2, *self.keys, reply, done, claims.TTL_SECONDS
             )
+            if self.replicated:
+                self.connection.send_command(*WAIT_COMMAND)
             self.awaiting = True
             self.sent = len(outcomes)
         except (redis.RedisError, OSError) as exc:
@@ -91,6 +97,8 @@ class Progress:
         if self.awaiting:
             self.awaiting = False
             self.connection.read_response()
+            if self.replicated:
+                check_acks(self.connection.read_response())
             self.confirmed = self.sent
 
     def _give_up(self, exc: BaseException) -> None:
@@ -98,6 +106,5 @@ class Progress:
         self.broken = True
         self.sent = self.confirmed
         if self.connection is not None:
-            self.connection.disconnect()
-            self.client.connection_pool.release(self.connection)
+            drop(self.client, self.connection)
             self.connection = None

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from taskstack.connections import connect
+
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
@@ -28,7 +30,7 @@ class RedisMemory:
     """``taskstack_redis_memory_used_bytes`` and ``taskstack_redis_memory_max_bytes``."""
 
     def __init__(self, redis_url: str) -> None:
-        self.client = redis.Redis.from_url(
+        self.client = connect(
             redis_url, socket_timeout=INFO_TIMEOUT, socket_connect_timeout=INFO_TIMEOUT
         )
 

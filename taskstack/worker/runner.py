@@ -22,7 +22,7 @@ from celery.exceptions import Ignore, Reject
 from celery.signals import task_failure
 
 from taskstack import claims, names
-from taskstack.connections import shared
+from taskstack.connections import WAIT_COMMAND, check_acks, refused_for_replicas, replicated, shared
 from taskstack.errors import PayloadTooLarge, SharedDataGone, SignatureError
 from taskstack.signing import Signer
 from taskstack.worker import metrics, timelimits
@@ -52,7 +52,9 @@ def run_batch(
     """
     try:
         return _run_batch(self, payload, reply_to, notify_start, stop_keys or [])
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+        if isinstance(exc, redis.ResponseError) and not refused_for_replicas(exc):
+            raise
         logger.warning("batch %s: no reply could be delivered (%s); requeued", self.request.id, exc)
         raise Reject(exc, requeue=True) from exc
 
@@ -61,7 +63,7 @@ def _run_batch(
     task: Task, payload: str, reply_to: str, notify_start: bool, stop_keys: list[str]
 ) -> int:
     batch_id = task.request.id
-    client = shared(task.app.conf.broker_url)
+    client = shared(task.app.conf[names.REDIS_SETTING])
     try:
         signer, (calls, setup) = open_batch(
             task.app.conf, client, batch_id, payload, reply_to, stop_keys
@@ -244,7 +246,7 @@ def _batch_failed(
     reply_to = (kwargs or {}).get("reply_to", "")
     if task_id and reply_to.startswith(names.REPLY_KEY_PREFIX):
         try:
-            reply_failed(shared(sender.app.conf.broker_url), reply_to, task_id, exception)
+            reply_failed(shared(sender.app.conf[names.REDIS_SETTING]), reply_to, task_id, exception)
         except redis.RedisError:
             logger.exception("could not tell %s that batch %s failed", reply_to, task_id)
 
@@ -254,4 +256,8 @@ def _reply(client: redis.Redis, key: str, message: bytes) -> None:
     with client.pipeline(transaction=False) as pipe:
         pipe.rpush(key, message)
         pipe.expire(key, REPLY_TTL_SECONDS)
-        pipe.execute()
+        if replicated(client):  # as the outcomes of calls are (claims.record)
+            pipe.execute_command(*WAIT_COMMAND)  # type: ignore[no-untyped-call]
+        _, _, *acks = pipe.execute()
+    for count in acks:
+        check_acks(count)

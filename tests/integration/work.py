@@ -80,3 +80,11 @@ def total_plus(array: Any, i: int) -> tuple[float, int]:
 def identity_in_process(obj: object, i: int) -> tuple[int, int, int]:
     """(pid, id of ``obj`` in this process, ``len(obj)``): one id per process means one load."""
     return os.getpid(), id(obj), len(obj)  # type: ignore[arg-type]
+
+
+def logged_square(log: str, x: int) -> int:
+    """``x * x`` after a few milliseconds, each run one line in ``log`` (counts reruns)."""
+    time.sleep(0.003)
+    with open(log, "a") as file:
+        file.write(f"{x}\n")
+    return x * x

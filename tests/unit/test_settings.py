@@ -6,7 +6,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from celery.app.utils import filter_hidden_settings
 
+from taskstack import connections, names
+from taskstack.app import create_app
 from taskstack.errors import SettingsError
 from taskstack.settings import Settings
 
@@ -59,6 +62,8 @@ def test_from_env_parses_every_type() -> None:
         ({"BIND_ADDRESS": "everywhere"}, "BIND_ADDRESS must be an IP address"),
         ({"PROMETHEUS_PORT": "0"}, "PROMETHEUS_PORT must be positive"),
         ({"PROMETHEUS_PORT": "90900"}, "PROMETHEUS_PORT must be a port number, got 90900"),
+        ({"REDIS_SENTINELS": "s1:26379,s2"}, "REDIS_SENTINELS must list HOST:PORT addresses"),
+        ({"REDIS_SENTINELS": "s1:0"}, "got 's1:0'"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
@@ -185,9 +190,59 @@ def test_task_modules_are_a_comma_separated_list_of_module_names() -> None:
             flower_password="pw",
             bind_address="0.0.0.0",
             task_modules=("tasks", "myteam.tasks"),
+            redis_sentinels=("s1:26379", "s2:26380"),
+            redis_master_name="main",
         ),
     ],
     ids=["defaults", "every field set"],
 )
 def test_to_env_round_trips_through_from_env(settings: Settings) -> None:
     assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_with_sentinels_every_connection_asks_them_for_the_primary() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://:p%40ss@ignored:6379/3",
+            "REDIS_SENTINELS": "s1:26379, s2:26380,s3:26381",
+            "REDIS_MASTER_NAME": "main",
+        }
+    )
+    assert settings.redis_sentinels == ("s1:26379", "s2:26380", "s3:26381")
+    address = settings.redis_address
+    assert address == "redis+sentinel://:p%40ss@s1:26379,s2:26380,s3:26381/3?master=main"
+    assert settings.shared_url == address
+    sentinels, master, credentials = connections.sentinel_parts(address)
+    assert sentinels == [("s1", 26379), ("s2", 26380), ("s3", 26381)]
+    assert (master, credentials, connections.database(address)) == ("main", {"password": "p@ss"}, 3)
+    broker, options = connections.kombu_broker(address)
+    assert broker.split(";") == [
+        f"sentinel://:p%40ss@{host}/3" for host in ("s1:26379", "s2:26380", "s3:26381")
+    ]
+    assert options["master_name"] == "main"
+    assert options["sentinel_kwargs"]["password"] == "p@ss"
+    assert "p%40ss" not in connections.masked(address)
+
+
+def test_without_sentinels_the_broker_is_redis_url() -> None:
+    settings = Settings.from_env({"REDIS_URL": URL})
+    assert settings.redis_address == URL
+    assert connections.kombu_broker(URL) == (URL, {})
+
+
+def test_with_sentinels_the_app_takes_kombus_sentinel_transport_and_backend() -> None:
+    settings = Settings(redis_url=URL, redis_sentinels=("s1:26379", "s2:26379"))
+    app = create_app(settings)
+    try:
+        assert app.conf.broker_url == "sentinel://:pw@s1:26379/0;sentinel://:pw@s2:26379/0"
+        assert app.conf.result_backend == app.conf.broker_url
+        options = app.conf.broker_transport_options
+        assert options["master_name"] == "taskstack"
+        assert options["visibility_timeout"] == settings.lease_seconds  # today's options kept
+        assert app.conf.result_backend_transport_options["master_name"] == "taskstack"
+        assert app.conf[names.REDIS_SETTING] == settings.redis_address
+        # Celery's inspection of a worker's configuration hides the password.
+        shown = str(filter_hidden_settings(app.conf.table()))
+        assert ":pw@" not in shown
+    finally:
+        app.close()
