@@ -142,13 +142,13 @@ def record(client: redis.Redis, batch_id: str, reply_to: str, reply: bytes, done
     """Push ``reply`` and record ``done`` calls answered, unless a delivery got further.
     Behind Sentinels, only once a replica has them (raises :class:`NotReplicated`)."""
     keys = (reply_to, claim_key(batch_id))
+    if not replicated(client):
+        return bool(client.eval(PROGRESS_SCRIPT, 2, *keys, reply, done, TTL_SECONDS))
     with client.pipeline(transaction=False) as pipe:  # WAIT counts this connection's writes
         pipe.eval(PROGRESS_SCRIPT, 2, *keys, reply, done, TTL_SECONDS)
-        if replicated(client):
-            pipe.execute_command(*WAIT_COMMAND)  # type: ignore[no-untyped-call]
-        pushed, *acks = pipe.execute()
-    for count in acks:
-        check_acks(count)
+        pipe.execute_command(*WAIT_COMMAND)  # type: ignore[no-untyped-call]
+        pushed, acks = pipe.execute()
+    check_acks(acks)
     return bool(pushed)
 
 
