@@ -159,7 +159,7 @@ BAD_ENTRIES = (
     ),
     BadEntry("unknown task", lambda: json.dumps(envelope("no.such.task")), "unknown task"),
 )
-"""Issue 27's table of entries that stopped or looped a worker, and the earlier ones."""
+"""The entries that once stopped or looped a worker, with the reason each must be refused."""
 
 
 def letters(client: redis.Redis) -> list[DeadLetter]:
