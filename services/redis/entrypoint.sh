@@ -6,22 +6,8 @@
 # REDIS_MAXMEMORY.
 set -eu
 
-if [ -n "${REDIS_PASSWORD_FILE:-}" ]; then
-  if [ -n "${REDIS_PASSWORD:-}" ]; then
-    echo "taskstack-redis: set REDIS_PASSWORD or REDIS_PASSWORD_FILE, not both" >&2
-    exit 1
-  fi
-  if [ ! -r "$REDIS_PASSWORD_FILE" ]; then
-    echo "taskstack-redis: REDIS_PASSWORD_FILE=$REDIS_PASSWORD_FILE cannot be read" >&2
-    exit 1
-  fi
-  # $(...) drops the file's final newlines, as taskstack.settings does.
-  REDIS_PASSWORD=$(cat "$REDIS_PASSWORD_FILE")
-fi
-if [ -z "${REDIS_PASSWORD:-}" ]; then
-  echo "taskstack-redis: REDIS_PASSWORD is empty; refusing to start a Redis without a password" >&2
-  exit 1
-fi
+. /usr/local/lib/taskstack-redis.sh
+load_password taskstack-redis
 # Same rule as taskstack.settings.Settings.check_exposure: the public default
 # password is only acceptable while the published port stays on loopback.
 case "${BIND_ADDRESS:-127.0.0.1}" in
@@ -51,6 +37,31 @@ rm -f "$auth_file"
 # Inside a double-quoted config value, backslash and double quote need escaping.
 # printf is a shell builtin and sed reads the password from stdin: no argv.
 printf '%s' "$REDIS_PASSWORD" | sed 's/[\\"]/\\&/g; s/^/requirepass "/; s/$/"/' > "$auth_file"
+
+# A replicated Redis (stack.yaml): REDIS_ANNOUNCE_HOSTNAME is its own Swarm DNS
+# name. It starts as a replica of the primary the Sentinels name (a rescheduled
+# old primary must not come back as a second primary), and a primary without a
+# replica in sync refuses writes that a failover would drop.
+if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
+  export REDISCLI_AUTH="$REDIS_PASSWORD"
+  set -- $(current_primary) "$@"
+  primary=$1
+  primary_port=$2
+  shift 2
+  {
+    echo  # ends the requirepass line
+    printf '%s' "$REDIS_PASSWORD" | config_quoted | sed 's/^/masterauth /'
+    echo
+    echo "replica-announce-ip $REDIS_ANNOUNCE_HOSTNAME"
+    echo "min-replicas-to-write 1"
+    echo "min-replicas-max-lag 10"
+    if [ "$primary" != "$REDIS_ANNOUNCE_HOSTNAME" ]; then
+      echo "replicaof $primary $primary_port"
+    fi
+  } >> "$auth_file"
+  unset REDISCLI_AUTH
+  echo "taskstack-redis: $REDIS_ANNOUNCE_HOSTNAME starts with primary $primary"
+fi
 unset REDIS_PASSWORD
 
 # exec: redis-server becomes PID 1 and gets docker stop's SIGTERM itself.

@@ -27,7 +27,12 @@ from tests.compose.conftest import ROOT, Stack, new_stack
 from tests.compose.hosts import Host
 from tests.support import http_get, print_past_capture, wait_for
 
-SERVICES = ("redis", "worker-cpu", "worker-io", "flower", "prometheus")
+REDIS_SERVICES = ("redis-1", "redis-2", "redis-3")
+"""The primary of a first deployment, then its two replicas."""
+SENTINEL_SERVICES = ("sentinel-1", "sentinel-2", "sentinel-3")
+SERVICES = (*REDIS_SERVICES, *SENTINEL_SERVICES, "worker-cpu", "worker-io", "flower", "prometheus")
+SENTINELS = "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379"
+"""stack.yaml's REDIS_SENTINELS, for clients on its overlay network."""
 CONVERGE_TIMEOUT = 300
 """Tasks count once their healthcheck passes; a slow first start needs minutes."""
 SHIP_TIMEOUT = 600
@@ -101,7 +106,7 @@ class SwarmStack:
         return f"{self.name}_{service}"
 
     def replicas(self) -> dict[str, str]:
-        """Running (healthy) over desired tasks per service, e.g. ``{"redis": "1/1"}``."""
+        """Running (healthy) over desired tasks per service, e.g. ``{"redis-1": "1/1"}``."""
         listing = self.manager.docker(
             *("service", "ls", "--filter", f"label=com.docker.stack.namespace={self.name}"),
             *("--format", "{{.Name}} {{.Replicas}}"),
@@ -158,7 +163,8 @@ class SwarmStack:
                     "run", "--rm", "--interactive", "--network", self.network
                 ),
                 # Values come from this process's environment: they stay off the argv.
-                *("--env", "REDIS_URL=redis://redis:6379/0", "--env", "REDIS_PASSWORD"),
+                *("--env", "REDIS_URL=redis://redis-1:6379/0", "--env", "REDIS_PASSWORD"),
+                *("--env", f"REDIS_SENTINELS={SENTINELS}"),
                 *("--env", "TASKSTACK_SECRET", self.image, "python", "-", str(items)),
             ],
             input=(Path(__file__).parent / "swarm_client.py").read_text(),
@@ -190,8 +196,12 @@ def ship_images(images: Sequence[str], hosts: Sequence[Host]) -> None:
             shipped.result()
 
 
-def form_swarm(hosts: Sequence[Host]) -> None:
-    """Make the first host a swarm manager and join the others to it as workers."""
+def form_swarm(hosts: Sequence[Host], redis_hosts: Sequence[int] = (0, 1, 2)) -> None:
+    """Make the first host a swarm manager and join the others to it as workers.
+
+    ``redis-N`` and ``sentinel-N`` run on ``hosts[redis_hosts[N - 1] % len(hosts)]``
+    (stack.yaml's placement labels): on three hosts, one each.
+    """
     manager, *workers = hosts
     manager.docker("swarm", "init", "--advertise-addr", manager.address)
     token = manager.docker("swarm", "join-token", "--quiet", "worker").strip()
@@ -206,6 +216,9 @@ def form_swarm(hosts: Sequence[Host]) -> None:
         return states == ["Ready"] * len(hosts)
 
     wait_for(ready, 60, f"{len(hosts)} swarm nodes to be ready")
+    for slot, index in enumerate(redis_hosts, start=1):
+        node = hosts[index % len(hosts)].name  # a host's hostname is its node's name
+        manager.docker("node", "update", "--label-add", f"taskstack.redis-{slot}=true", node)
 
 
 @contextlib.contextmanager
@@ -217,6 +230,7 @@ def deployed(
     *,
     files: Sequence[Path] = STACK_FILES,
     cpu_workers: int = 1,
+    redis_hosts: Sequence[int] = (0, 1, 2),
     **settings: str,
 ) -> Iterator[SwarmStack]:
     """Build the images here, ship them to ``hosts``, make them a swarm, deploy ``files`` on it.
@@ -235,7 +249,7 @@ def deployed(
     failed_before = request.session.testsfailed
     deployment.stack.compose("build")  # the images stack.yaml runs, as the README builds them
     ship_images([deployment.image, deployment.redis_image, deployment.prometheus_image], hosts)
-    form_swarm(hosts)
+    form_swarm(hosts, redis_hosts)
     # The secrets are the stack's passwords, taken from the environment.
     run(str(ROOT / "scripts" / "swarm-secrets"), env=env)
     compose_files = [arg for path in files for arg in ("--compose-file", str(path))]

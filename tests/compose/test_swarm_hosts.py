@@ -125,8 +125,8 @@ def test_each_host_runs_a_cpu_worker(hosts: TwoHosts) -> None:
     # Swarm spreads a service's replicas over the nodes.
     assert len(hosts.cpu_nodes(hosts.second)) == 1
     assert len(hosts.cpu_nodes()) == 1
-    # Redis and Flower stay on the manager, with their volumes.
-    assert hosts.deployment.containers("redis")
+    # The first Redis primary and Flower stay on the manager, with their volumes.
+    assert hosts.deployment.containers("redis-1")
     assert hosts.deployment.containers("flower")
 
 

@@ -1,0 +1,57 @@
+#!/bin/sh
+# Starts a Redis Sentinel of a replicated stack (stack.yaml, compose.ha.yaml) with
+# the password from REDIS_PASSWORD_FILE (a Docker secret), or REDIS_PASSWORD.
+# Sentinel rewrites its config file as it learns, so the file is written here,
+# in the container, never on a command line: it requires the password of its
+# clients (requirepass), and uses it with the Redis servers (auth-pass) and the
+# other Sentinels (sentinel-pass).
+#   SENTINEL_ANNOUNCE_HOSTNAME  its own Swarm DNS name, which the others reach it by
+#   SENTINEL_QUORUM             Sentinels that must agree a primary is down (2)
+#   SENTINEL_DOWN_AFTER_MS      silence before one thinks so (5000)
+#   SENTINEL_FAILOVER_TIMEOUT_MS  before a stalled failover is tried again (30000)
+# and REDIS_SENTINELS, REDIS_MASTER_NAME, REDIS_PRIMARY (see taskstack-redis.sh).
+set -eu
+
+. /usr/local/lib/taskstack-redis.sh
+load_password taskstack-sentinel
+: "${SENTINEL_ANNOUNCE_HOSTNAME:?SENTINEL_ANNOUNCE_HOSTNAME names this Sentinel}"
+master=${REDIS_MASTER_NAME:-taskstack}
+REDISCLI_AUTH=$REDIS_PASSWORD
+export REDISCLI_AUTH
+unset REDIS_PASSWORD
+
+# A Sentinel that restarts after a failover monitors the primary of now, which
+# the others know; the first ones start from REDIS_PRIMARY.
+set -- $(current_primary)
+primary=$1
+primary_port=$2
+# Sentinel refuses a config whose primary's name does not resolve: a Swarm DNS
+# name resolves once that service's task runs.
+until getent hosts "$primary" > /dev/null; do
+  echo "taskstack-sentinel: waiting for $primary to resolve"
+  sleep 1
+done
+
+config=/tmp/taskstack-sentinel.conf
+umask 077
+rm -f "$config"
+password=$(printf '%s' "$REDISCLI_AUTH" | config_quoted)
+unset REDISCLI_AUTH
+# resolve-hostnames before the monitor line, which names a host.
+cat > "$config" <<CONF
+port 26379
+dir /tmp
+sentinel resolve-hostnames yes
+sentinel announce-hostnames yes
+sentinel announce-ip $SENTINEL_ANNOUNCE_HOSTNAME
+requirepass $password
+sentinel sentinel-pass $password
+sentinel monitor $master $primary $primary_port ${SENTINEL_QUORUM:-2}
+sentinel auth-pass $master $password
+sentinel down-after-milliseconds $master ${SENTINEL_DOWN_AFTER_MS:-5000}
+sentinel failover-timeout $master ${SENTINEL_FAILOVER_TIMEOUT_MS:-30000}
+sentinel parallel-syncs $master 1
+CONF
+unset password
+echo "taskstack-sentinel: $SENTINEL_ANNOUNCE_HOSTNAME monitors $master at $primary:$primary_port"
+exec redis-server "$config" --sentinel
