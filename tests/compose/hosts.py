@@ -64,6 +64,12 @@ class Host:
             rule = (chain, "1", "--jump", "DROP")
             run("nsenter", f"--net=/run/netns/{self.name}", "iptables", "--insert", *rule)
 
+    def reconnect(self) -> None:
+        """Undo :meth:`cut_off`: the host is back on the LAN, as it left it."""
+        for chain in ("INPUT", "OUTPUT"):
+            rule = (chain, "--jump", "DROP")
+            run("nsenter", f"--net=/run/netns/{self.name}", "iptables", "--delete", *rule)
+
     def esp_aead_available(self) -> bool:
         """Whether the kernel has AES-GCM for IPsec, which encrypted overlays need."""
         try:

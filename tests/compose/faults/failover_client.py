@@ -1,0 +1,85 @@
+"""A map across a Redis failover, run as ``python - KEY ITEMS`` in a container on the stack's
+overlay network (tests/compose/faults/test_swarm_failover.py).
+
+It maps a function defined here (so shipped by value, signed) over ranges of numbers with
+:class:`taskstack.ClusterExecutor`, following the Sentinels of its environment. Each run of
+an item counts itself under ``KEY:runs`` on the primary of the moment, and waits for a
+replica to have the count, so that the counts outlive the failover they measure. It prints
+``progress N`` as results arrive, then one JSON line: items, whether every count was right,
+the items that ran more than once, and the longest wait between two results.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+
+import redis
+
+from tasks.compute import count_primes
+from taskstack import ClusterExecutor
+from taskstack.connections import WAIT_COMMAND, connect
+from taskstack.settings import Settings
+
+SPAN = 20_000
+"""Numbers per item above a million: a few tens of milliseconds each."""
+RECORD_SECONDS = 90.0
+"""How long a run keeps trying to count itself while the primary changes."""
+PROGRESS_EVERY = 50
+
+
+def record(key: str, item: int) -> None:
+    """Count a run of ``item``; retried until a replica has it (on the primary of then)."""
+    deadline = time.monotonic() + RECORD_SECONDS
+    while True:
+        client = connect(Settings.from_env().redis_address)
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.hincrby(f"{key}:runs", str(item), 1)
+            pipe.execute_command(*WAIT_COMMAND)  # type: ignore[no-untyped-call]
+            if pipe.execute()[1] >= 1:
+                return
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            client.close()
+        time.sleep(0.5)  # the primary is changing: ask the Sentinels again shortly
+
+
+def primes_on(key: str, item: int) -> int:
+    record(key, item)
+    return count_primes(1_000_000 + item * SPAN, 1_000_000 + (item + 1) * SPAN)
+
+
+def main(key: str, items: int) -> None:
+    arrivals = [time.monotonic()]
+    counts = []
+    with ClusterExecutor() as executor:  # settings from the environment
+        for count in executor.map(primes_on, [key] * items, range(items), timeout=600):
+            counts.append(count)
+            arrivals.append(time.monotonic())
+            if len(counts) % PROGRESS_EVERY == 0:
+                print(f"progress {len(counts)}", flush=True)
+    correct = all(
+        count == count_primes(1_000_000 + i * SPAN, 1_000_000 + (i + 1) * SPAN)
+        for i, count in enumerate(counts)
+    )
+    client = connect(Settings.from_env().redis_address)
+    runs = [int(n) for n in client.hvals(f"{key}:runs")]
+    client.close()
+    stall = max(later - earlier for earlier, later in itertools.pairwise(arrivals))
+    reply = {
+        "items": len(counts),
+        "correct": correct,
+        "ran": len(runs),
+        "duplicates": sum(1 for n in runs if n > 1),
+        "longest_stall_s": round(stall, 2),
+    }
+    print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
