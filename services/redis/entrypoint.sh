@@ -38,10 +38,10 @@ rm -f "$auth_file"
 # printf is a shell builtin and sed reads the password from stdin: no argv.
 printf '%s' "$REDIS_PASSWORD" | sed 's/[\\"]/\\&/g; s/^/requirepass "/; s/$/"/' > "$auth_file"
 
-# A replicated Redis (stack.yaml): REDIS_ANNOUNCE_HOSTNAME is its own Swarm DNS
-# name. It starts as a replica of the primary the Sentinels name (a rescheduled
-# old primary must not come back as a second primary), and a primary without a
-# replica in sync refuses writes that a failover would drop.
+# A replicated Redis (stack.yaml, compose.ha.yaml): REDIS_ANNOUNCE_HOSTNAME is its
+# own DNS name. It starts as a replica of the primary the Sentinels name (a
+# rescheduled old primary must not come back as a second primary), and a primary
+# without a replica in sync refuses writes that a failover would drop.
 if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
   export REDISCLI_AUTH="$REDIS_PASSWORD"
   set -- $(current_primary) "$@"
@@ -52,10 +52,9 @@ if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
     echo  # ends the requirepass line
     printf '%s' "$REDIS_PASSWORD" | config_quoted | sed 's/^/masterauth /'
     echo
-    echo "replica-announce-ip $REDIS_ANNOUNCE_HOSTNAME"
     echo "min-replicas-to-write 1"
     echo "min-replicas-max-lag 10"
-    if [ "$primary" != "$REDIS_ANNOUNCE_HOSTNAME" ]; then
+    if ! own_address "$primary"; then
       echo "replicaof $primary $primary_port"
     fi
   } >> "$auth_file"

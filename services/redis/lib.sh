@@ -1,28 +1,67 @@
 # Sourced by the Redis and Sentinel entrypoints: their password, and in a
-# replicated stack (stack.yaml, compose.ha.yaml) which Redis is the primary now. Addresses are Swarm DNS names (the services'),
-# which survive rescheduling where container IPs do not.
+# replicated stack (stack.yaml, compose.ha.yaml) which Redis is the primary now.
 #   REDIS_SENTINELS    sentinel-1:26379,sentinel-2:26379,...: asked first
 #   REDIS_MASTER_NAME  the name they monitor the primary under (taskstack)
-#   REDIS_PRIMARY      the primary of a first start, when no Sentinel knows one yet
+#   REDIS_SERVERS      redis-1,redis-2,redis-3: asked next, for their role
+#   REDIS_PRIMARY      the primary of a first start, when no one knows one yet
 # The caller has set REDISCLI_AUTH (the Sentinels take Redis's password): an
 # environment variable of this process, never an argument `ps` would list.
+#
+# The primary is named by its IP address, resolved here once: Sentinel and
+# replicas keep addresses, not names. On Swarm, the DNS name of a service whose
+# node is gone takes 20 s to fail to resolve, and a Sentinel that resolves names
+# (resolve-hostnames) blocks on it, misses its own timers, enters TILT mode and
+# fails over nothing.
 
-# Prints "HOST PORT" of the primary the first Sentinel that answers names, or
-# of REDIS_PRIMARY when none does.
+# Every network call here is bounded: a host that is cut off never answers.
+ask() {
+  timeout 3 redis-cli --no-auth-warning --raw "$@" 2>/dev/null || true
+}
+
+# Prints the IP address of NAME (or NAME, if it is one), or nothing in time.
+address_of() {
+  timeout 3 getent hosts "$1" | awk '{ print $1; exit }' || true
+}
+
+# Prints "ADDRESS PORT" of the primary: as the first Sentinel that answers names
+# it; else the Redis that says it is a primary with a replica (or any primary);
+# else REDIS_PRIMARY once it resolves. Waits until one of them answers.
 current_primary() {
-  for sentinel in $(printf '%s' "${REDIS_SENTINELS:-}" | tr ',' ' '); do
-    host=${sentinel%:*}
-    port=${sentinel##*:}
-    # A Sentinel on a host that is cut off never answers: bound the wait.
-    answer=$(timeout 3 redis-cli --no-auth-warning --raw -h "$host" -p "$port" \
-      SENTINEL get-master-addr-by-name "${REDIS_MASTER_NAME:-taskstack}" 2>/dev/null || true)
-    set -- $answer
-    if [ $# -eq 2 ] && [ -n "$1" ]; then
-      echo "$1 $2"
-      return
-    fi
+  while true; do
+    for sentinel in $(printf '%s' "${REDIS_SENTINELS:-}" | tr ',' ' '); do
+      set -- $(ask -h "${sentinel%:*}" -p "${sentinel##*:}" \
+        SENTINEL get-master-addr-by-name "${REDIS_MASTER_NAME:-taskstack}")
+      if [ $# -eq 2 ]; then
+        echo "$1 $2"
+        return
+      fi
+    done
+    lone=
+    for server in $(printf '%s' "${REDIS_SERVERS:-}" | tr ',' ' '); do
+      info=$(ask -h "$server" INFO replication | tr -d '\r')
+      case "$info" in
+        *role:master*connected_slaves:[1-9]*)
+          echo "$(address_of "$server") 6379"
+          return
+          ;;
+        *role:master*) lone=${lone:-$server} ;;
+      esac
+    done
+    for name in $lone "${REDIS_PRIMARY:?REDIS_PRIMARY names the first primary}"; do
+      address=$(address_of "$name")
+      if [ -n "$address" ]; then
+        echo "$address 6379"
+        return
+      fi
+    done
+    echo "taskstack-redis: no primary known yet; asking again" >&2
+    sleep 1
   done
-  echo "${REDIS_PRIMARY:?REDIS_PRIMARY names the first primary} 6379"
+}
+
+# Whether ADDRESS is this container's own (Docker lists it in /etc/hosts).
+own_address() {
+  grep -q "^$1[[:space:]]" /etc/hosts
 }
 
 # Quotes a config value: backslash and double quote escaped, read from stdin.

@@ -5,11 +5,12 @@
 # in the container, never on a command line: it requires the password of its
 # clients (requirepass), and uses it with the Redis servers (auth-pass) and the
 # other Sentinels (sentinel-pass).
-#   SENTINEL_ANNOUNCE_HOSTNAME  its own Swarm DNS name, which the others reach it by
+#   SENTINEL_ANNOUNCE_HOSTNAME  its own DNS name, for its messages
 #   SENTINEL_QUORUM             Sentinels that must agree a primary is down (2)
 #   SENTINEL_DOWN_AFTER_MS      silence before one thinks so (5000)
 #   SENTINEL_FAILOVER_TIMEOUT_MS  before a stalled failover is tried again (30000)
-# and REDIS_SENTINELS, REDIS_MASTER_NAME, REDIS_PRIMARY (see taskstack-redis.sh).
+# and REDIS_SENTINELS, REDIS_MASTER_NAME, REDIS_SERVERS, REDIS_PRIMARY (see
+# taskstack-redis.sh).
 set -eu
 
 . /usr/local/lib/taskstack-redis.sh
@@ -25,25 +26,15 @@ unset REDIS_PASSWORD
 set -- $(current_primary)
 primary=$1
 primary_port=$2
-# Sentinel refuses a config whose primary's name does not resolve: a Swarm DNS
-# name resolves once that service's task runs.
-until getent hosts "$primary" > /dev/null; do
-  echo "taskstack-sentinel: waiting for $primary to resolve"
-  sleep 1
-done
 
 config=/tmp/taskstack-sentinel.conf
 umask 077
 rm -f "$config"
 password=$(printf '%s' "$REDISCLI_AUTH" | config_quoted)
 unset REDISCLI_AUTH
-# resolve-hostnames before the monitor line, which names a host.
 cat > "$config" <<CONF
 port 26379
 dir /tmp
-sentinel resolve-hostnames yes
-sentinel announce-hostnames yes
-sentinel announce-ip $SENTINEL_ANNOUNCE_HOSTNAME
 requirepass $password
 sentinel sentinel-pass $password
 sentinel monitor $master $primary $primary_port ${SENTINEL_QUORUM:-2}

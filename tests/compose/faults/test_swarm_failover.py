@@ -23,7 +23,7 @@ import pytest
 
 from tests.compose.conftest import Row
 from tests.compose.hosts import Host, private_hosts, require_private_hosts
-from tests.compose.swarm import SENTINELS, SwarmStack, deployed
+from tests.compose.swarm import REDIS_SERVICES, SENTINELS, SwarmStack, deployed
 from tests.compose.test_swarm_hosts import stack_files
 from tests.support import wait_for
 
@@ -87,9 +87,18 @@ class ThreeHosts:
         script = 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" exec redis-cli --raw "$@"'
         return host.docker("exec", container, "sh", "-c", script, "sh", "-p", port, *command)
 
+    def address(self, service: str) -> str:
+        """The overlay address of ``service``'s container (the Sentinels name addresses)."""
+        host = self.host_of(service)
+        (container,) = self.deployment.containers(service, host)
+        template = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+        return host.docker("inspect", "--format", template, container).split()[0]
+
     def primary(self, sentinel: str = "sentinel-3") -> str:
-        """The primary's name, as a Sentinel (by default the manager's) names it."""
-        return self.redis_cli(sentinel, "SENTINEL", "get-master-addr-by-name", MASTER).split()[0]
+        """The primary's service, as a Sentinel (by default the manager's) names it."""
+        named = self.redis_cli(sentinel, "SENTINEL", "get-master-addr-by-name", MASTER).split()[0]
+        by_address = {self.address(service): service for service in REDIS_SERVICES}
+        return by_address.get(named, named)
 
     def role(self, service: str) -> dict[str, str]:
         """``INFO replication`` of a Redis, as a dict."""
@@ -208,7 +217,7 @@ def test_the_old_primary_rejoins_as_a_replica(three: ThreeHosts, report_row: Row
     back = time.monotonic()
     wait_for(
         lambda: (
-            three.role("redis-1").get("master_host") == primary
+            three.role("redis-1").get("master_host") == three.address(primary)
             and three.role("redis-1").get("master_link_status") == "up"
         ),
         REJOIN_SECONDS,
@@ -232,7 +241,7 @@ def test_the_stack_works_without_one_sentinel_and_one_replica(
     three: ThreeHosts, report_row: Row
 ) -> None:
     primary = three.primary()
-    replica = next(s for s in ("redis-1", "redis-2", "redis-3") if s != primary)
+    replica = next(s for s in REDIS_SERVICES if s != primary)
     sentinel = next(s for s in ("sentinel-1", "sentinel-2") if s != "sentinel-3")
     manager = three.deployment.manager
     stopped = [three.deployment.service(replica), three.deployment.service(sentinel)]
