@@ -20,7 +20,7 @@ import redis
 
 from tasks.compute import count_primes
 from taskstack import ClusterExecutor
-from taskstack.connections import WAIT_COMMAND, connect
+from taskstack.connections import WAIT_COMMAND, connect, shared
 from taskstack.settings import Settings
 
 SPAN = 20_000
@@ -33,8 +33,10 @@ PROGRESS_EVERY = 50
 def record(key: str, item: int) -> None:
     """Count a run of ``item``; retried until a replica has it (on the primary of then)."""
     deadline = time.monotonic() + RECORD_SECONDS
+    # The process's one client: its Sentinel object keeps the Sentinel that answered
+    # first in line, so a lost one (whose name takes seconds to fail) is asked once.
+    client = shared(Settings.from_env().redis_address)
     while True:
-        client = connect(Settings.from_env().redis_address)
         try:
             pipe = client.pipeline(transaction=False)
             pipe.hincrby(f"{key}:runs", str(item), 1)
@@ -44,9 +46,10 @@ def record(key: str, item: int) -> None:
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
             if time.monotonic() > deadline:
                 raise
-        finally:
-            client.close()
-        time.sleep(0.5)  # the primary is changing: ask the Sentinels again shortly
+        # Not replicated, or no answer: the primary is changing. The next connection
+        # asks the Sentinels again.
+        client.connection_pool.disconnect()
+        time.sleep(0.5)
 
 
 def primes_on(key: str, item: int) -> int:
