@@ -54,7 +54,7 @@ if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
     echo
     echo "min-replicas-to-write 1"
     echo "min-replicas-max-lag 10"
-    if ! own_address "$primary"; then
+    if [ "$primary" != self ] && ! own_address "$primary"; then
       echo "replicaof $primary $primary_port"
     fi
   } >> "$auth_file"

@@ -25,7 +25,8 @@ address_of() {
 
 # Prints "ADDRESS PORT" of the primary: as the first Sentinel that answers names
 # it; else the Redis that says it is a primary with a replica (or any primary);
-# else REDIS_PRIMARY once it resolves. Waits until one of them answers.
+# else REDIS_PRIMARY once it resolves ("self" in REDIS_PRIMARY itself). Waits until
+# one of them answers.
 current_primary() {
   while true; do
     for sentinel in $(printf '%s' "${REDIS_SENTINELS:-}" | tr ',' ' '); do
@@ -47,7 +48,12 @@ current_primary() {
         *role:master*) lone=${lone:-$server} ;;
       esac
     done
-    for name in $lone "${REDIS_PRIMARY:?REDIS_PRIMARY names the first primary}"; do
+    # The first primary starts as one: Swarm's DNS names no task before it is healthy.
+    if [ "${REDIS_PRIMARY:?REDIS_PRIMARY names the first primary}" = "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
+      echo "self 6379"
+      return
+    fi
+    for name in $lone "$REDIS_PRIMARY"; do
       address=$(address_of "$name")
       if [ -n "$address" ]; then
         echo "$address 6379"
