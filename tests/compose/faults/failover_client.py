@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 
@@ -20,7 +21,7 @@ import redis
 
 from tasks.compute import count_primes
 from taskstack import ClusterExecutor
-from taskstack.connections import WAIT_COMMAND, connect, shared
+from taskstack.connections import WAIT_COMMAND, connect
 from taskstack.settings import Settings
 
 SPAN = 20_000
@@ -29,13 +30,18 @@ RECORD_SECONDS = 90.0
 """How long a run keeps trying to count itself while the primary changes."""
 PROGRESS_EVERY = 50
 
+_clients: dict[int, redis.Redis] = {}
+
 
 def record(key: str, item: int) -> None:
     """Count a run of ``item``; retried until a replica has it (on the primary of then)."""
     deadline = time.monotonic() + RECORD_SECONDS
-    # The process's one client: its Sentinel object keeps the Sentinel that answered
-    # first in line, so a lost one (whose name takes seconds to fail) is asked once.
-    client = shared(Settings.from_env().redis_address)
+    # This process's own client, not the worker's (connections.shared), whose
+    # connections its threads may be using when this one drops them. Its Sentinel
+    # object keeps the Sentinel that answered first in line.
+    if os.getpid() not in _clients:
+        _clients[os.getpid()] = connect(Settings.from_env().redis_address)
+    client = _clients[os.getpid()]
     while True:
         try:
             pipe = client.pipeline(transaction=False)
