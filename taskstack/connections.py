@@ -3,8 +3,10 @@
 kombu's, the result backend's, the workers' and the executor clients' all
 notice a broker that vanished without closing TCP (a partition, a host gone):
 blocking calls give up after 10 s, idle connections are pinged before use
-after 10 s, and kernel keepalives probe the rest. Server-side blocking calls
-(``BLPOP``) use 1 s timeouts, well below the socket timeout.
+after 10 s, and the kernel finds a silent peer within about 15 s (keepalives and
+``TCP_USER_TIMEOUT``), even on a connection that only waits, like a subscriber's.
+Server-side blocking calls (``BLPOP``) use 1 s timeouts, well below the socket
+timeout.
 
 With Sentinels (``REDIS_SENTINELS``) every connection asks them for the current
 primary each time it connects, and a connection that finds a demoted primary (its
@@ -18,20 +20,38 @@ primary, or the primary's death) breaks every connection to it, so blocked calls
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from taskstack.settings import SENTINEL_SCHEME
+
+
+def _keepalive_options() -> dict[int, int]:
+    """Kernel settings that find a peer gone silent (a host cut off) in seconds, on an
+    idle connection (keepalive probes from 5 s of silence, 2 s apart, 3 missed) or one
+    with data unanswered (``TCP_USER_TIMEOUT``, 15 s): a subscriber or a blocked read
+    on a lost primary would otherwise wait out the kernel's defaults, hours. Linux's
+    names; where one is missing, that default stays."""
+    wanted = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3, "TCP_USER_TIMEOUT": 15_000}
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
+
 
 REDIS_CONNECTION: Final = {
     "socket_timeout": 10.0,
     "socket_connect_timeout": 5.0,
     "socket_keepalive": True,
+    "socket_keepalive_options": _keepalive_options(),
     "health_check_interval": 10,
 }
+
+SENTINEL_TIMEOUT: Final = 2.0
+"""Seconds a Sentinel gets to accept a connection or answer (it answers in microseconds)."""
 
 REPLICA_ACK_MS: Final = 2000
 """How long a write that must outlive a failover waits for a replica to have it."""
@@ -74,7 +94,7 @@ def connect(url: str, **options: Any) -> redis.Redis:
     sentinels, master, credentials = sentinel_parts(url)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         sentinels,
-        sentinel_kwargs={**credentials, **sentinel_timeouts(options)},
+        sentinel_kwargs={**credentials, **sentinel_options(options)},
         **credentials,
         **options,
     )
@@ -109,10 +129,17 @@ def database(url: str) -> int:
     return int(urlsplit(url).path.strip("/") or 0)
 
 
-def sentinel_timeouts(options: dict[str, Any]) -> dict[str, Any]:
-    """What of ``options`` applies to the connections to the Sentinels themselves."""
-    keys = ("socket_timeout", "socket_connect_timeout", "socket_keepalive")
-    return {key: options[key] for key in keys if key in options}
+def sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The connections to the Sentinels themselves: ``options``' keepalive, timeouts of
+    at most :data:`SENTINEL_TIMEOUT`, and no retries. A Sentinel answers at once or is
+    gone, and the next one is asked anyway; redis-py's default of three retries with
+    backoff made each lost Sentinel cost every (re)connection 20 s or more."""
+    timeouts = {
+        key: min(options.get(key) or SENTINEL_TIMEOUT, SENTINEL_TIMEOUT)
+        for key in ("socket_timeout", "socket_connect_timeout")
+    }
+    keepalive = {"socket_keepalive": options.get("socket_keepalive", True)}
+    return {**timeouts, **keepalive, "retry": Retry(NoBackoff(), 0)}
 
 
 def kombu_broker(url: str) -> tuple[str, dict[str, Any]]:
@@ -128,7 +155,7 @@ def kombu_broker(url: str) -> tuple[str, dict[str, Any]]:
     broker = ";".join(f"sentinel://{prefix}{host}:{port}/{db}" for host, port in sentinels)
     options = {
         "master_name": master,
-        "sentinel_kwargs": {**credentials, **sentinel_timeouts(REDIS_CONNECTION)},
+        "sentinel_kwargs": {**credentials, **sentinel_options(REDIS_CONNECTION)},
     }
     return broker, options
 

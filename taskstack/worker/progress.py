@@ -11,7 +11,8 @@ most :data:`~taskstack.names.PROGRESS_SECONDS` of finished quick ones).
 Segments are sent without waiting for Redis's answer, which is read before the
 next one goes: the calls run on meanwhile, and the round trip costs them
 nothing. A segment that cannot be sent is not an error: its outcomes go with
-the next one, or with the batch's last reply, which is sent as before. Behind
+the next one, tried :data:`RETRY_SECONDS` later (Redis restarting, or a failover
+under way), or with the batch's last reply, which is sent as before. Behind
 Sentinels a segment counts as sent once a replica has it (``WAIT``, read with
 the answer), so a failover never loses outcomes the batch will not send again.
 """
@@ -30,6 +31,10 @@ from taskstack.signing import Signer
 from taskstack.worker.calls import pack_outcomes
 
 logger = logging.getLogger(__name__)
+
+RETRY_SECONDS = 2.0
+"""After a segment could not be sent, the next waits this long: a failed attempt can
+hold the calls up for a socket timeout, and a failover takes seconds."""
 
 
 class Progress:
@@ -51,13 +56,15 @@ class Progress:
         """When the batch started: a reply says how long its calls took so far."""
         self.connection: Any = None
         self.awaiting = False
-        self.broken = False
+        self.retry_at = 0.0
+        """No segment goes before this (``time.monotonic()``): one failed not long ago."""
+        self.failures = 0
         self.replicated = replicated(client)
 
     def __call__(self, outcomes: list[names.Outcome]) -> None:
         """Send the outcomes not sent yet; :func:`~taskstack.worker.calls.run_calls`
         calls this when a reply is due."""
-        if self.broken:
+        if self.retry_at and time.monotonic() < self.retry_at:
             return
         try:
             self._settle()
@@ -78,6 +85,10 @@ class Progress:
                 self.connection.send_command(*WAIT_COMMAND)
             self.awaiting = True
             self.sent = len(outcomes)
+            if self.failures:
+                logger.warning("progress of %s sent again", self.keys)
+                self.failures = 0
+                self.retry_at = 0.0
         except (redis.RedisError, OSError) as exc:
             self._give_up(exc)
 
@@ -102,8 +113,13 @@ class Progress:
             self.confirmed = self.sent
 
     def _give_up(self, exc: BaseException) -> None:
-        logger.warning("progress of %s not sent (%s); its outcomes go at its end", self.keys, exc)
-        self.broken = True
+        if not self.failures:
+            logger.warning(
+                "progress of %s not sent (%s); trying again every %g s, or at its end",
+                *(self.keys, exc, RETRY_SECONDS),
+            )
+        self.failures += 1
+        self.retry_at = time.monotonic() + RETRY_SECONDS
         self.sent = self.confirmed
         if self.connection is not None:
             drop(self.client, self.connection)
