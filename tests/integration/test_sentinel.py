@@ -23,6 +23,7 @@ import pytest
 
 from taskstack import ClusterExecutor, names
 from taskstack.app import create_app
+from taskstack.connections import SENTINEL_TIMEOUT, connect
 from taskstack.settings import Settings
 from tests.integration import work
 from tests.support import Worker, print_past_capture, start_flower, wait_for
@@ -176,3 +177,26 @@ def test_a_batch_published_just_before_the_primary_died_is_not_lost(
         finally:
             worker.service.stop()
     assert log.read_text().split().count("7") >= 1
+
+
+@pytest.mark.timeout(60)
+def test_a_frozen_sentinel_costs_a_connection_seconds_not_minutes(
+    ha: ReplicaSet, settings: Settings
+) -> None:
+    """The first Sentinel named accepts connections and never answers, as on a host cut
+    off or frozen: a new client passes over it within ``SENTINEL_TIMEOUT``, without
+    retries (redis-py's defaults, three retries with backoff after a 10 s timeout, spent
+    over 40 s on it at every connection of every worker and client)."""
+    frozen = ha.sentinels[0].process
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        client = connect(settings.redis_address)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+        elapsed = time.monotonic() - started
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert elapsed < 2 * SENTINEL_TIMEOUT, f"{elapsed:.1f} s to connect past a frozen Sentinel"
