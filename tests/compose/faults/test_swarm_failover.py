@@ -87,12 +87,14 @@ class ThreeHosts:
         script = 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" exec redis-cli --raw "$@"'
         return host.docker("exec", container, "sh", "-c", script, "sh", "-p", port, *command)
 
-    def address(self, service: str) -> str:
-        """The overlay address of ``service``'s container (the Sentinels name addresses)."""
+    def address(self, service: str) -> str | None:
+        """The overlay address of ``service``'s container (the Sentinels name addresses),
+        or None while it has none."""
         host = self.host_of(service)
-        (container,) = self.deployment.containers(service, host)
         template = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
-        return host.docker("inspect", "--format", template, container).split()[0]
+        for container in self.deployment.containers(service, host):
+            return host.docker("inspect", "--format", template, container).split()[0]
+        return None
 
     def primary(self, sentinel: str = "sentinel-3") -> str:
         """The primary's service, as a Sentinel (by default the manager's) names it."""
@@ -164,6 +166,7 @@ def test_a_map_survives_losing_the_primarys_host(three: ThreeHosts, report_row: 
     wait_for(lambda: client.progress() >= CUT_AFTER_ITEMS, 300, "the map to be under way")
     three.host_of("redis-1").cut_off()
     cut = time.monotonic()
+    answered = client.progress()
     promoted = wait_for(
         lambda: three.primary() != "redis-1" and three.primary(),
         FAILOVER_SECONDS,
@@ -176,8 +179,8 @@ def test_a_map_survives_losing_the_primarys_host(three: ThreeHosts, report_row: 
     assert reply["correct"] is True
     assert reply["ran"] == FAILOVER_ITEMS  # 0 calls lost
     assert reply["longest_stall_s"] <= STALL_GOAL_SECONDS, reply
-    # TODO: bound by the batches in flight at the cut (the executor's batch sizes).
-    assert reply["duplicates"] < FAILOVER_ITEMS // 4, reply
+    # Only calls not answered when the primary's host was cut off may run twice.
+    assert reply["duplicates"] <= FAILOVER_ITEMS - answered, reply
     report_row.completed = int(reply["items"])
     report_row.duplicates = int(reply["duplicates"])
     report_row.recovery_s = reply["longest_stall_s"]
