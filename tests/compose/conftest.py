@@ -18,8 +18,9 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -60,14 +61,17 @@ def redelivery_deadline(lease: float = LEASE_SECONDS) -> float:
 SETTINGS_VARIABLES = frozenset(name for name, _ in ENV_VARS.values())
 
 
-def compose(env: Mapping[str, str], *args: str, project: str = PROJECT) -> str:
+def compose(
+    env: Mapping[str, str], *args: str, project: str = PROJECT, files: Sequence[Path] = ()
+) -> str:
     """Run ``docker compose`` on a test project and return its stdout.
 
-    compose.yaml is named explicitly so that a developer's compose.override.yaml
-    is not merged in.
+    compose.yaml, then ``files`` over it, are named explicitly so that a developer's
+    compose.override.yaml is not merged in.
     """
-    argv = ["docker", "compose", "--project-name", project, "--file", str(ROOT / "compose.yaml")]
-    return run([*argv, *args], env=env)
+    paths = [ROOT / "compose.yaml", *files]
+    argv = ["docker", "compose", "--project-name", project]
+    return run([*argv, *(arg for path in paths for arg in ("--file", str(path))), *args], env=env)
 
 
 def docker(*args: str) -> str:
@@ -95,6 +99,9 @@ class Stack:
     project: str = PROJECT
     settings: Mapping[str, str] = field(default_factory=dict, hash=False)
     """Settings variables (e.g. ``WORKER_MAX_TASKS_PER_CHILD``) given to every service."""
+    files: tuple[Path, ...] = ()
+    """Compose files merged over compose.yaml (e.g. compose.ha.yaml): give them with
+    ``dataclasses.replace(new_stack(...), files=...)``."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -140,7 +147,7 @@ class Stack:
         return f"{self.project}_default"
 
     def compose(self, *args: str) -> str:
-        return compose(self.env, *args, project=self.project)
+        return compose(self.env, *args, project=self.project, files=self.files)
 
     def worker_logs(self) -> tracebacks.Reader:
         """A reader of what the workers log from now on (for tests/support/tracebacks.py)."""
