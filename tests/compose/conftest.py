@@ -21,6 +21,7 @@ import time
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import PIPE, STDOUT
 
 import pytest
 
@@ -150,9 +151,15 @@ class Stack:
         return compose(self.env, *args, project=self.project, files=self.files)
 
     def worker_logs(self) -> tracebacks.Reader:
-        """A reader of what the workers log from now on (for tests/support/tracebacks.py)."""
+        """A reader of what the workers log from now on (for tests/support/tracebacks.py),
+        one container after another: ``compose logs`` interleaves the lines of workers
+        logging at once (a lost Redis), and prefixes them, which cuts chained tracebacks."""
         since = f"{time.time():.6f}"
-        return lambda: self.compose("logs", "--no-color", "--since", since, *WORKER_SERVICES)
+        argv = ["docker", "logs", "--since", since]
+        return lambda: "\n".join(
+            subprocess.run([*argv, c], stdout=PIPE, stderr=STDOUT, text=True, check=True).stdout
+            for c in self.compose("ps", "--all", "--quiet", *WORKER_SERVICES).split()
+        )
 
     def containers(self, service: str) -> list[str]:
         """Ids of a service's running containers."""
