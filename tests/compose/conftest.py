@@ -18,8 +18,10 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import PIPE, STDOUT
 
 import pytest
 
@@ -60,14 +62,17 @@ def redelivery_deadline(lease: float = LEASE_SECONDS) -> float:
 SETTINGS_VARIABLES = frozenset(name for name, _ in ENV_VARS.values())
 
 
-def compose(env: Mapping[str, str], *args: str, project: str = PROJECT) -> str:
+def compose(
+    env: Mapping[str, str], *args: str, project: str = PROJECT, files: Sequence[Path] = ()
+) -> str:
     """Run ``docker compose`` on a test project and return its stdout.
 
-    compose.yaml is named explicitly so that a developer's compose.override.yaml
-    is not merged in.
+    compose.yaml, then ``files`` over it, are named explicitly so that a developer's
+    compose.override.yaml is not merged in.
     """
-    argv = ["docker", "compose", "--project-name", project, "--file", str(ROOT / "compose.yaml")]
-    return run([*argv, *args], env=env)
+    paths = [ROOT / "compose.yaml", *files]
+    argv = ["docker", "compose", "--project-name", project]
+    return run([*argv, *(arg for path in paths for arg in ("--file", str(path))), *args], env=env)
 
 
 def docker(*args: str) -> str:
@@ -95,6 +100,9 @@ class Stack:
     project: str = PROJECT
     settings: Mapping[str, str] = field(default_factory=dict, hash=False)
     """Settings variables (e.g. ``WORKER_MAX_TASKS_PER_CHILD``) given to every service."""
+    files: tuple[Path, ...] = ()
+    """Compose files merged over compose.yaml (e.g. compose.ha.yaml): give them with
+    ``dataclasses.replace(new_stack(...), files=...)``."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -140,12 +148,18 @@ class Stack:
         return f"{self.project}_default"
 
     def compose(self, *args: str) -> str:
-        return compose(self.env, *args, project=self.project)
+        return compose(self.env, *args, project=self.project, files=self.files)
 
     def worker_logs(self) -> tracebacks.Reader:
-        """A reader of what the workers log from now on (for tests/support/tracebacks.py)."""
+        """A reader of what the workers log from now on (for tests/support/tracebacks.py),
+        one container after another: ``compose logs`` interleaves the lines of workers
+        logging at once (a lost Redis), and prefixes them, which cuts chained tracebacks."""
         since = f"{time.time():.6f}"
-        return lambda: self.compose("logs", "--no-color", "--since", since, *WORKER_SERVICES)
+        argv = ["docker", "logs", "--since", since]
+        return lambda: "\n".join(
+            subprocess.run([*argv, c], stdout=PIPE, stderr=STDOUT, text=True, check=True).stdout
+            for c in self.compose("ps", "--all", "--quiet", *WORKER_SERVICES).split()
+        )
 
     def containers(self, service: str) -> list[str]:
         """Ids of a service's running containers."""
