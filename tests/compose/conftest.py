@@ -157,7 +157,7 @@ class Stack:
         since = f"{time.time():.6f}"
         argv = ["docker", "logs", "--since", since]
         return lambda: "\n".join(
-            subprocess.run([*argv, c], stdout=PIPE, stderr=STDOUT, text=True, check=True).stdout
+            subprocess.run([*argv, c], stdout=PIPE, stderr=STDOUT, text=True, timeout=60).stdout
             for c in self.compose("ps", "--all", "--quiet", *WORKER_SERVICES).split()
         )
 
