@@ -23,7 +23,7 @@ from typing import IO
 import pytest
 
 from tests.compose.conftest import ROOT, Stack, docker, new_stack, running
-from tests.support import wait_for
+from tests.support import tracebacks, wait_for
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(600)]
 
@@ -147,15 +147,7 @@ def ha(request: pytest.FixtureRequest) -> Iterator[Stack]:
         yield stack
 
 
-# Losing the primary, Celery and kombu log tracebacks of it or not, as timing has it (and
-# Celery's Gossip, restarted, fails on a connection already gone: conn.connection_errors).
-@pytest.mark.worker_traceback(
-    "connection_errors",
-    "ConnectionError",
-    "Connection refused",
-    "Connection closed",
-    required=False,
-)
+@tracebacks.LOST_BROKER
 def test_a_replica_takes_over_when_redis_stops_mid_map(ha: Stack) -> None:
     wait_for(
         lambda: replication(ha, "redis").get("connected_slaves") == "2",

@@ -24,6 +24,16 @@ MARKER = "worker_traceback"
 START = "Traceback (most recent call last)"
 CHAINED = re.compile(r"(another exception occurred|direct cause of the following exception):\s*$")
 EXPECTED_WAIT_SECONDS = 20
+LOST_BROKER = pytest.mark.worker_traceback(
+    "connection_errors",
+    "ConnectionError",
+    "Connection refused",
+    "Connection closed",
+    required=False,
+)
+"""Losing Redis, Celery and kombu log tracebacks of it or not, as timing has it (and
+Celery's Gossip, restarted, fails on a connection already gone: ``conn.connection_errors``):
+allowed, not required."""
 """How long a test's declared traceback may take to reach the log after the test."""
 WATCHED: list[Path] = []
 """Log files of the worker processes the integration tier started."""

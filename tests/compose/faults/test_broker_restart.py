@@ -19,7 +19,7 @@ from tests.compose.faults.stack import (
     host_redis,
     inspect,
 )
-from tests.support import wait_for
+from tests.support import tracebacks, wait_for
 
 pytestmark = MARKS
 
@@ -27,15 +27,7 @@ BROKER_RESTART_TASKS = 300
 
 
 @pytest.mark.scenario("2 broker restart with queued tasks")
-# Losing the broker, Celery and kombu log tracebacks of it or not, as timing has it
-# (kombu's _ignore_errors on a connection already gone): allowed, not required.
-@pytest.mark.worker_traceback(
-    "connection_errors",
-    "ConnectionError",
-    "Connection refused",
-    "Connection closed",
-    required=False,
-)
+@tracebacks.LOST_BROKER
 def test_queued_tasks_survive_a_broker_restart(faults: Stack, report_row: Row) -> None:
     ensure_cpu_workers(faults)
     client = host_redis(faults)
