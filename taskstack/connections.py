@@ -25,8 +25,6 @@ from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from taskstack.settings import SENTINEL_SCHEME
@@ -132,14 +130,16 @@ def database(url: str) -> int:
 def sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
     """The connections to the Sentinels themselves: ``options``' keepalive, timeouts of
     at most :data:`SENTINEL_TIMEOUT`, and no retries. A Sentinel answers at once or is
-    gone, and the next one is asked anyway; redis-py's default of three retries with
-    backoff made each lost Sentinel cost every (re)connection 20 s or more."""
+    gone, and the next one is asked anyway; redis-py's default retries (10, with backoff)
+    made each lost Sentinel cost every (re)connection 20 s or more."""
     timeouts = {
         key: min(options.get(key) or SENTINEL_TIMEOUT, SENTINEL_TIMEOUT)
         for key in ("socket_timeout", "socket_connect_timeout")
     }
     keepalive = {"socket_keepalive": options.get("socket_keepalive", True)}
-    return {**timeouts, **keepalive, "retry": Retry(NoBackoff(), 0)}
+    # None, not Retry(NoBackoff(), 0): the same to redis-py, and the options must stay
+    # JSON (a worker's configuration travels in its answer to `inspect conf`).
+    return {**timeouts, **keepalive, "retry": None}
 
 
 def kombu_broker(url: str) -> tuple[str, dict[str, Any]]:

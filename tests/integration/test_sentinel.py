@@ -185,7 +185,7 @@ def test_a_frozen_sentinel_costs_a_connection_seconds_not_minutes(
 ) -> None:
     """The first Sentinel named accepts connections and never answers, as on a host cut
     off or frozen: a new client passes over it within ``SENTINEL_TIMEOUT``, without
-    retries (redis-py's defaults, three retries with backoff after a 10 s timeout, spent
+    retries (redis-py's default retries with backoff, after a 10 s timeout each, spent
     over 40 s on it at every connection of every worker and client)."""
     frozen = ha.sentinels[0].process
     frozen.send_signal(signal.SIGSTOP)
