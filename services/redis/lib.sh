@@ -9,7 +9,8 @@
 #
 # The primary is named by its IP address, resolved here once: Sentinel and
 # replicas keep addresses, not names. On Swarm, the DNS name of a service whose
-# node is gone takes 20 s to fail to resolve, and a Sentinel that resolves names
+# node is gone goes to the node's own resolvers, which may take seconds to fail it
+# (20 s where none answered), and a Sentinel that resolves names
 # (resolve-hostnames) blocks on it, misses its own timers, enters TILT mode and
 # fails over nothing.
 
