@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> Celery:
     """Build the stack's Celery app from ``settings``."""
     # With Sentinels, kombu's Sentinel transport and Celery's Sentinel backend ask them
     # for the primary at each (re)connection (taskstack/connections.py).
-    broker, sentinel_options = kombu_broker(settings.redis_address)
+    broker, sentinel_options, tls = kombu_broker(settings.redis_address)
     app = App("taskstack", broker=broker, backend=broker)
     # Redis has no real acks: kombu keeps each delivered, unacknowledged message in
     # its `unacked` hash, scored in `unacked_index` by when it was claimed, and puts
@@ -103,6 +103,9 @@ def create_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport_options,
         result_backend_transport_options=sentinel_options,
+        # Over TLS (rediss://), both verify the server's certificate (connections.py).
+        broker_use_ssl=tls or None,
+        redis_backend_use_ssl=tls or None,
         # The result backend's connections notice a vanished broker like kombu's do
         # (it already retries storing a result for about 20 s).
         redis_socket_timeout=REDIS_CONNECTION["socket_timeout"],

@@ -27,7 +27,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from taskstack.settings import SENTINEL_SCHEME
+from taskstack.redis_urls import SENTINEL_SCHEME, TLS_SCHEMES, TLS_SENTINEL_SCHEME
+
+SENTINEL_SCHEMES: Final = (SENTINEL_SCHEME, TLS_SENTINEL_SCHEME)
 
 
 def _keepalive_options() -> dict[int, int]:
@@ -87,14 +89,16 @@ def connect(url: str, **options: Any) -> redis.Redis:
     """A new client for ``url`` (:attr:`Settings.redis_address`: a Redis, or the primary
     its Sentinels name) with the stack's timeouts, or ``options``; the caller closes it."""
     options = {**REDIS_CONNECTION, **options}
-    if urlsplit(url).scheme != SENTINEL_SCHEME:
-        return redis.Redis.from_url(url, **options)
+    if urlsplit(url).scheme not in SENTINEL_SCHEMES:
+        return redis.Redis.from_url(url, **options)  # TLS from its scheme and query
     sentinels, master, credentials = sentinel_parts(url)
+    tls = tls_options(url)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         sentinels,
-        sentinel_kwargs={**credentials, **sentinel_options(options)},
+        sentinel_kwargs={**credentials, **sentinel_options(options), **sentinel_tls(tls)},
         **credentials,
         **options,
+        **({"ssl": True, **tls} if tls else {}),
     )
     client: redis.Redis = sentinel.master_for(master, db=database(url))  # type: ignore[no-untyped-call]
     return client
@@ -123,6 +127,33 @@ def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, dict[str, str]
     return sentinels, master, credentials
 
 
+def tls_options(url: str) -> dict[str, Any]:
+    """redis-py's (and Celery's ``broker_use_ssl``) TLS options of a ``rediss://`` or
+    ``rediss+sentinel://`` URL: the server's certificate required, from the CA its query
+    names (``ssl_ca_certs``) or else the system's; ``{}`` for a plaintext URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in TLS_SCHEMES:
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    for ca in parse_qs(parts.query).get("ssl_ca_certs", [])[:1]:
+        options["ssl_ca_certs"] = ca
+    if parts.scheme == TLS_SENTINEL_SCHEME:
+        # Sentinels name the primary by its IP address, which no certificate can list
+        # ahead of a container's start: its certificate is checked against the CA, as
+        # Redis's replicas and Sentinels check each other's. The Sentinels themselves
+        # are reached, and checked, by name (_SENTINEL_TLS).
+        options["ssl_check_hostname"] = False
+    return options
+
+
+_SENTINEL_TLS: Final = {"ssl": True, "ssl_check_hostname": True}
+
+
+def sentinel_tls(tls: dict[str, Any]) -> dict[str, Any]:
+    """The TLS options of the connections to the Sentinels: ``tls``'s, by name."""
+    return {**tls, **_SENTINEL_TLS} if tls else {}
+
+
 def database(url: str) -> int:
     return int(urlsplit(url).path.strip("/") or 0)
 
@@ -142,22 +173,29 @@ def sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
     return {**timeouts, **keepalive, "retry": None}
 
 
-def kombu_broker(url: str) -> tuple[str, dict[str, Any]]:
-    """``url`` as kombu's and Celery's Sentinel URL (``sentinel://...;sentinel://...``)
-    and the transport options that name the primary; a plain Redis URL as it is."""
-    if urlsplit(url).scheme != SENTINEL_SCHEME:
-        return url, {}
-    sentinels, master, credentials = sentinel_parts(url)
+def kombu_broker(url: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``url`` as kombu's and Celery's broker URL (``sentinel://...;sentinel://...`` with
+    Sentinels), the transport options that name the primary, and the TLS options for
+    Celery's ``broker_use_ssl`` and ``redis_backend_use_ssl`` (``{}`` without TLS)."""
+    tls = tls_options(url)
     parts = urlsplit(url)
+    if parts.scheme not in SENTINEL_SCHEMES:
+        # kombu and Celery read TLS from their *_use_ssl settings, not from the query.
+        return parts._replace(query="").geturl(), {}, tls
+    sentinels, master, credentials = sentinel_parts(url)
     login = parts.netloc.rpartition("@")[0]
     prefix = f"{login}@" if login else ""
     db = database(url)
     broker = ";".join(f"sentinel://{prefix}{host}:{port}/{db}" for host, port in sentinels)
     options = {
         "master_name": master,
-        "sentinel_kwargs": {**credentials, **sentinel_options(REDIS_CONNECTION)},
+        "sentinel_kwargs": {
+            **credentials,
+            **sentinel_options(REDIS_CONNECTION),
+            **sentinel_tls(tls),
+        },
     }
-    return broker, options
+    return broker, options, tls
 
 
 def shared(url: str) -> redis.Redis:
@@ -166,6 +204,11 @@ def shared(url: str) -> redis.Redis:
     if key not in _clients:
         _clients[key] = connect(url)
     return _clients[key]
+
+
+def username(url: str) -> str | None:
+    """The Redis user ``url`` connects as (``None``: the default user)."""
+    return urlsplit(url).username
 
 
 def masked(url: str) -> str:

@@ -75,7 +75,15 @@ KEY_PREFIX: Final = "taskstack:"
 """Every Redis key the stack itself creates starts with this (Celery's own keys aside)."""
 
 REPLY_KEY_PREFIX: Final = KEY_PREFIX + "reply:"
-"""``<prefix><client id>``: list where workers push an executor client's batch outcomes."""
+"""``<prefix>[<Redis user>:]<client id>``: list where workers push an executor client's batch
+outcomes."""
+
+
+def reply_key(user: str | None, client_id: str) -> str:
+    """A client's reply list, under the name of the Redis user it connects as: a client
+    user's ACL lets it read its own user's lists only (services/redis/users.acl)."""
+    return f"{REPLY_KEY_PREFIX}{user}:{client_id}" if user else REPLY_KEY_PREFIX + client_id
+
 
 CAPACITY_KEY_PREFIX: Final = KEY_PREFIX + "capacity:"
 """``<prefix><queue>``: hash of node -> "processes expires_at python cloudpickle", kept

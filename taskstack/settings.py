@@ -13,17 +13,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from taskstack import variables
+from taskstack import redis_urls, variables
 from taskstack.errors import SettingsError
 
 DEFAULT_REDIS_PASSWORD = "taskstack-local"
 DEFAULT_FLOWER_PASSWORD = "taskstack-local"
 DEFAULT_SECRET = "taskstack-local-secret"
 """Safe only while every port is bound to loopback: see :meth:`Settings.check_exposure`."""
-
-SENTINEL_SCHEME = "redis+sentinel"
-"""The scheme of :attr:`Settings.redis_address` with Sentinels (ours: redis-py has no URL
-form for them, kombu's names no primary)."""
 
 MIN_LEASE_SECONDS = 2.0
 """A shorter lease would be renewed more often than a busy machine can promise."""
@@ -47,6 +43,10 @@ class Settings:
     the one Redis of ``REDIS_URL``."""
     redis_master_name: str = "taskstack"
     """Name under which the Sentinels monitor the primary (``sentinel monitor <name> ...``)."""
+    redis_tls_ca_file: str = ""
+    """Path of the CA certificate that a ``rediss://`` Redis (and its Sentinels) must present
+    a certificate from (``scripts/swarm-certs`` makes one); empty: the system's CAs. The
+    server's name is always checked against its certificate."""
     cpu_concurrency: int | None = None
     """Processes of a ``cpu`` worker; ``None`` means the CPUs this process may use."""
     io_concurrency: int = 16
@@ -115,13 +115,15 @@ class Settings:
     """Port of Prometheus on this host (compose.yaml publishes it, ``taskstack-local`` runs it)."""
 
     def __post_init__(self) -> None:
-        _check_url("REDIS_URL", self.redis_url)
+        redis_urls.check_url("REDIS_URL", self.redis_url)
         if self.shared_redis_url:
-            _check_url("SHARED_REDIS_URL", self.shared_redis_url)
+            redis_urls.check_url("SHARED_REDIS_URL", self.shared_redis_url)
         for address in self.redis_sentinels:
             variables.address(address)
         if not self.redis_master_name:
             raise SettingsError("REDIS_MASTER_NAME must not be empty")
+        if self.redis_tls_ca_file:
+            redis_urls.check_ca_file(self.redis_url, self.redis_tls_ca_file)
         for field, (name, parse) in ENV_VARS.items():  # every count, size, duration and port
             value = getattr(self, field)
             numeric = parse in (int, float) and field != "metrics_port"  # 0 turns metrics off
@@ -228,14 +230,12 @@ class Settings:
     @property
     def redis_address(self) -> str:
         """The broker for :func:`taskstack.connections.connect`: ``REDIS_URL``, or with
-        ``REDIS_SENTINELS`` a ``redis+sentinel://`` URL that names them and the primary."""
-        if not self.redis_sentinels:
-            return self.redis_url
-        url = urlsplit(self.redis_url)
-        credentials = url.netloc.rpartition("@")[0]
-        hosts = ",".join(self.redis_sentinels)
-        path = f"{url.path or '/0'}?master={quote(self.redis_master_name, safe='')}"
-        return f"{SENTINEL_SCHEME}://{credentials}@{hosts}{path}"
+        ``REDIS_SENTINELS`` a ``redis+sentinel://`` URL that names them and the primary
+        (``rediss+sentinel://`` over TLS); over TLS, with the CA in its query as Celery's
+        ``ssl_ca_certs``."""
+        return redis_urls.broker_address(
+            self.redis_url, self.redis_sentinels, self.redis_master_name, self.redis_tls_ca_file
+        )
 
     @property
     def shared_url(self) -> str:
@@ -247,21 +247,11 @@ class Settings:
         return f"{self.flower_user}:{self.flower_password}"
 
 
-def _check_url(name: str, value: str) -> None:
-    url = urlsplit(value)
-    if url.scheme not in ("redis", "rediss"):
-        raise SettingsError(f"{name} must start with redis:// or rediss://, got {value!r}")
-    if not url.password:
-        raise SettingsError(
-            f"{name} has no password: use redis://:PASSWORD@HOST:PORT/DB "
-            "(the stack's Redis always requires one)"
-        )
-
-
 ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "redis_url": ("REDIS_URL", str),
     "redis_sentinels": ("REDIS_SENTINELS", variables.addresses),
     "redis_master_name": ("REDIS_MASTER_NAME", str),
+    "redis_tls_ca_file": ("REDIS_TLS_CA_FILE", str),
     "cpu_concurrency": ("WORKER_CPU_CONCURRENCY", int),
     "io_concurrency": ("WORKER_IO_CONCURRENCY", int),
     "soft_time_limit": ("TASK_SOFT_TIME_LIMIT", float),

@@ -7,7 +7,12 @@
 set -eu
 
 . /usr/local/lib/taskstack-redis.sh
-load_password taskstack-redis
+if [ -n "${REDIS_USERS_DIR:-}" ]; then
+  # One user per role (users.acl); the primary's replicas and Sentinels have theirs.
+  REDIS_PASSWORD=$(user_password admin)
+else
+  load_password taskstack-redis
+fi
 # Same rule as taskstack.settings.Settings.check_exposure: the public default
 # password is only acceptable while the published port stays on loopback.
 case "${BIND_ADDRESS:-127.0.0.1}" in
@@ -36,7 +41,20 @@ umask 077
 rm -f "$auth_file"
 # Inside a double-quoted config value, backslash and double quote need escaping.
 # printf is a shell builtin and sed reads the password from stdin: no argv.
-printf '%s' "$REDIS_PASSWORD" | sed 's/[\\"]/\\&/g; s/^/requirepass "/; s/$/"/' > "$auth_file"
+if [ -n "${REDIS_USERS_DIR:-}" ]; then
+  acl_users /usr/local/etc/redis/users.acl > "$auth_file"
+  replication_user=replica
+  replication_password=$(user_password replica)
+  REDISCLI_USER=sentinel
+  export REDISCLI_USER
+  REDIS_PASSWORD=$(user_password sentinel)  # asks the Sentinels and the servers
+else
+  printf '%s' "$REDIS_PASSWORD" | sed 's/[\\"]/\\&/g; s/^/requirepass "/; s/$/"/' > "$auth_file"
+  echo >> "$auth_file"  # ends the requirepass line
+  replication_user=
+  replication_password=$REDIS_PASSWORD
+fi
+tls_config 6379 >> "$auth_file"
 
 # A replicated Redis (stack.yaml, compose.ha.yaml): REDIS_ANNOUNCE_HOSTNAME is its
 # own DNS name. It starts as a replica of the primary the Sentinels name (a
@@ -49,8 +67,10 @@ if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
   primary_port=$2
   shift 2
   {
-    echo  # ends the requirepass line
-    printf '%s' "$REDIS_PASSWORD" | config_quoted | sed 's/^/masterauth /'
+    if [ -n "$replication_user" ]; then
+      echo "masteruser $replication_user"
+    fi
+    printf '%s' "$replication_password" | config_quoted | sed 's/^/masterauth /'
     echo
     echo "min-replicas-to-write 1"
     echo "min-replicas-max-lag 10"
@@ -58,10 +78,10 @@ if [ -n "${REDIS_ANNOUNCE_HOSTNAME:-}" ]; then
       echo "replicaof $primary $primary_port"
     fi
   } >> "$auth_file"
-  unset REDISCLI_AUTH
+  unset REDISCLI_AUTH REDISCLI_USER
   echo "taskstack-redis: $REDIS_ANNOUNCE_HOSTNAME starts with primary $primary"
 fi
-unset REDIS_PASSWORD
+unset REDIS_PASSWORD replication_password
 
 # exec: redis-server becomes PID 1 and gets docker stop's SIGTERM itself.
 exec redis-server /usr/local/etc/redis/redis.conf --include "$auth_file" --maxmemory "$maxmemory" "$@"

@@ -14,7 +14,14 @@
 set -eu
 
 . /usr/local/lib/taskstack-redis.sh
-load_password taskstack-sentinel
+if [ -n "${REDIS_USERS_DIR:-}" ]; then
+  # Users of their own (sentinel-users.acl); to Redis and to each other, user sentinel.
+  REDIS_PASSWORD=$(user_password sentinel)
+  REDISCLI_USER=sentinel
+  export REDISCLI_USER
+else
+  load_password taskstack-sentinel
+fi
 : "${SENTINEL_ANNOUNCE_HOSTNAME:?SENTINEL_ANNOUNCE_HOSTNAME names this Sentinel}"
 master=${REDIS_MASTER_NAME:-taskstack}
 REDISCLI_AUTH=$REDIS_PASSWORD
@@ -32,10 +39,14 @@ umask 077
 rm -f "$config"
 password=$(printf '%s' "$REDISCLI_AUTH" | config_quoted)
 unset REDISCLI_AUTH
-cat > "$config" <<CONF
-port 26379
+if [ -n "${REDIS_USERS_DIR:-}" ]; then
+  acl_users /usr/local/etc/redis/sentinel-users.acl > "$config"
+else
+  echo "requirepass $password" > "$config"
+fi
+tls_config 26379 >> "$config"
+cat >> "$config" <<CONF
 dir /tmp
-requirepass $password
 sentinel sentinel-pass $password
 sentinel monitor $master $primary $primary_port ${SENTINEL_QUORUM:-2}
 sentinel auth-pass $master $password
@@ -43,6 +54,9 @@ sentinel down-after-milliseconds $master ${SENTINEL_DOWN_AFTER_MS:-5000}
 sentinel failover-timeout $master ${SENTINEL_FAILOVER_TIMEOUT_MS:-30000}
 sentinel parallel-syncs $master 1
 CONF
-unset password
+if [ -n "${REDIS_USERS_DIR:-}" ]; then
+  printf 'sentinel sentinel-user sentinel\nsentinel auth-user %s sentinel\n' "$master" >> "$config"
+fi
+unset password REDISCLI_USER
 echo "taskstack-sentinel: $SENTINEL_ANNOUNCE_HOSTNAME monitors $master at $primary:$primary_port"
 exec redis-server "$config" --sentinel

@@ -35,7 +35,7 @@ from taskstack.client.receiving import Receiver
 from taskstack.client.results import MapJob
 from taskstack.client.sending import Sender
 from taskstack.client.sharing import SharedStore
-from taskstack.connections import connect, masked
+from taskstack.connections import connect, masked, username
 from taskstack.errors import Terminated
 from taskstack.settings import Settings
 from taskstack.signing import Signer
@@ -71,8 +71,8 @@ class Dispatcher:
         self.setup = setup
         self.sizer = sizer or BatchSizer(max_batches_per_s=settings.redis_max_batches_per_s)
         self.id = uuid.uuid4().hex
-        self.reply_key = names.REPLY_KEY_PREFIX + self.id
         self.url = masked(app.conf[names.REDIS_SETTING])
+        self.reply_key = names.reply_key(username(self.url), self.id)
         self.redis = connect(app.conf[names.REDIS_SETTING])
         try:
             self.redis.ping()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -215,7 +216,8 @@ def test_with_sentinels_every_connection_asks_them_for_the_primary() -> None:
     sentinels, master, credentials = connections.sentinel_parts(address)
     assert sentinels == [("s1", 26379), ("s2", 26380), ("s3", 26381)]
     assert (master, credentials, connections.database(address)) == ("main", {"password": "p@ss"}, 3)
-    broker, options = connections.kombu_broker(address)
+    broker, options, tls = connections.kombu_broker(address)
+    assert tls == {}
     assert broker.split(";") == [
         f"sentinel://:p%40ss@{host}/3" for host in ("s1:26379", "s2:26380", "s3:26381")
     ]
@@ -227,7 +229,7 @@ def test_with_sentinels_every_connection_asks_them_for_the_primary() -> None:
 def test_without_sentinels_the_broker_is_redis_url() -> None:
     settings = Settings.from_env({"REDIS_URL": URL})
     assert settings.redis_address == URL
-    assert connections.kombu_broker(URL) == (URL, {})
+    assert connections.kombu_broker(URL) == (URL, {}, {})
 
 
 def test_with_sentinels_the_app_takes_kombus_sentinel_transport_and_backend() -> None:
@@ -246,3 +248,67 @@ def test_with_sentinels_the_app_takes_kombus_sentinel_transport_and_backend() ->
         assert ":pw@" not in shown
     finally:
         app.close()
+
+
+def test_tls_verifies_the_server_against_the_ca_file(tmp_path: Path) -> None:
+    ca = tmp_path / "redis_ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "rediss://worker@redis-1:6379/2",
+            "REDIS_PASSWORD": "pw",
+            "REDIS_TLS_CA_FILE": str(ca),
+        }
+    )
+    address = settings.redis_address
+    assert address.startswith("rediss://worker:pw@redis-1:6379/2?ssl_cert_reqs=required")
+    tls = {"ssl_cert_reqs": "required", "ssl_ca_certs": str(ca)}
+    assert connections.tls_options(address) == tls
+    broker, options, broker_tls = connections.kombu_broker(address)
+    assert (broker, options, broker_tls) == ("rediss://worker:pw@redis-1:6379/2", {}, tls)
+    client = connections.connect(address)
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"], kwargs["username"]) == (
+        str(ca),
+        "required",
+        "worker",
+    )
+    client.close()
+
+
+def test_tls_with_sentinels_reaches_them_over_tls_too(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "rediss://client:pw@ignored/0",
+            "REDIS_SENTINELS": "s1:26379,s2:26379",
+            "REDIS_TLS_CA_FILE": str(ca),
+        }
+    )
+    address = settings.redis_address
+    assert address.startswith("rediss+sentinel://client:pw@s1:26379,s2:26379/0?master=taskstack&")
+    broker, options, tls = connections.kombu_broker(address)
+    assert broker == "sentinel://client:pw@s1:26379/0;sentinel://client:pw@s2:26379/0"
+    # The primary, named by its IP address, is checked against the CA; the Sentinels by name.
+    assert tls == {
+        "ssl_cert_reqs": "required",
+        "ssl_ca_certs": str(ca),
+        "ssl_check_hostname": False,
+    }
+    sentinel_kwargs = options["sentinel_kwargs"]
+    assert sentinel_kwargs | {"ssl_check_hostname": True} == sentinel_kwargs
+    assert (sentinel_kwargs["ssl"], sentinel_kwargs["ssl_ca_certs"]) == (True, str(ca))
+    assert json.loads(json.dumps(options)) == options  # a worker's `inspect conf` answer
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_URL": "redis://:pw@h/0"}, "REDIS_URL does not start with rediss://"),
+        ({"REDIS_URL": "rediss://:pw@h/0"}, "cannot be read"),
+    ],
+)
+def test_a_ca_file_needs_tls_and_must_be_readable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({**env, "REDIS_TLS_CA_FILE": "/nonexistent/ca.crt"})

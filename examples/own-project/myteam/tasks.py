@@ -7,9 +7,8 @@ by name (``app.send_task("myteam.slug", ("Déjà vu",))``) and need none of this
 
 from __future__ import annotations
 
-from taskstack import shared_task
-
 from myteam import text
+from taskstack import shared_task
 
 TASK_PREFIX = "myteam."
 SLUG = TASK_PREFIX + "slug"
