@@ -44,11 +44,21 @@ STACK_FILES = (ROOT / "stack.yaml",)
 
 @dataclass(frozen=True)
 class SwarmStack:
-    """A deployed stack.yaml: the :class:`Stack` holds its passwords and published ports."""
+    """A deployed stack.yaml: the :class:`Stack` holds its published ports and Flower's
+    password and secret, ``secrets`` the files of scripts/swarm-secrets (Redis users, TLS)."""
 
     name: str
     stack: Stack
     hosts: tuple[Host, ...]
+    secrets: Path
+
+    def password(self, user: str) -> str:
+        """The password of a Redis user of the stack (services/redis/users.acl)."""
+        return (self.secrets / f"redis_user_{user}").read_text()
+
+    @property
+    def ca(self) -> Path:
+        return self.secrets / "redis_ca.crt"
 
     @property
     def manager(self) -> Host:
@@ -88,11 +98,42 @@ class SwarmStack:
 
     @property
     def client_settings(self) -> Settings:
-        """Settings of a client on this machine, through the port Redis publishes on its host."""
-        url = (
-            f"redis://:{self.stack.redis_password}@{self.manager.address}:{self.stack.redis_port}/0"
+        """Settings of a client on this machine, through the port Redis publishes on its host:
+        over TLS, as user ``client``."""
+        host = f"{self.manager.address}:{self.stack.redis_port}"
+        url = f"rediss://client:{self.password('client')}@{host}/0"
+        return dataclasses.replace(
+            self.stack.client_settings, redis_url=url, redis_tls_ca_file=str(self.ca)
         )
-        return dataclasses.replace(self.stack.client_settings, redis_url=url)
+
+    def settings_as(self, user: str) -> Settings:
+        """:attr:`client_settings` of another Redis user of the stack."""
+        url = self.client_settings.redis_url.replace(
+            f"client:{self.password('client')}@", f"{user}:{self.password(user)}@"
+        )
+        return dataclasses.replace(self.client_settings, redis_url=url)
+
+    def client_container(self, *command: str) -> tuple[list[str], dict[str, str]]:
+        """``docker run`` of a client of the stack on its overlay network, as Redis user
+        ``client`` over TLS (the CA mounted), and the environment that argv needs: values
+        come from it, so that they stay off the argv."""
+        ca = self.secrets.parent / "client-ca.crt"  # readable by the image's own user
+        ca.write_bytes(self.ca.read_bytes())
+        ca.chmod(0o644)
+        argv = [
+            *self.manager.docker.argv("run", "--rm", "--interactive", "--network", self.network),
+            *("--volume", f"{ca}:/run/taskstack/redis_ca.crt:ro"),
+            *("--env", "REDIS_URL=rediss://client@redis-1:6379/0", "--env", "REDIS_PASSWORD"),
+            *("--env", "REDIS_TLS_CA_FILE=/run/taskstack/redis_ca.crt"),
+            *("--env", f"REDIS_SENTINELS={SENTINELS}", "--env", "TASKSTACK_SECRET"),
+            *(self.image, *command),
+        ]
+        env = {
+            **self.stack.env,
+            "REDIS_PASSWORD": self.password("client"),
+            "TASKSTACK_SECRET": self.stack.secret,
+        }
+        return argv, env
 
     def flower_get(self, path: str, *, auth: bool = True) -> tuple[int, str]:
         """GET a Flower page through the port it publishes on its host: (status, body)."""
@@ -157,22 +198,11 @@ class SwarmStack:
 
     def run_client(self, items: int, timeout: float = 300) -> dict[str, object]:
         """tests/compose/swarm_client.py in a container on the stack's overlay network."""
+        argv, env = self.client_container("python", "-", str(items))
         completed = subprocess.run(
-            [
-                *self.manager.docker.argv(
-                    "run", "--rm", "--interactive", "--network", self.network
-                ),
-                # Values come from this process's environment: they stay off the argv.
-                *("--env", "REDIS_URL=redis://redis-1:6379/0", "--env", "REDIS_PASSWORD"),
-                *("--env", f"REDIS_SENTINELS={SENTINELS}"),
-                *("--env", "TASKSTACK_SECRET", self.image, "python", "-", str(items)),
-            ],
+            argv,
             input=(Path(__file__).parent / "swarm_client.py").read_text(),
-            env={
-                **self.stack.env,
-                "REDIS_PASSWORD": self.stack.redis_password,
-                "TASKSTACK_SECRET": self.stack.secret,
-            },
+            env=env,
             check=True,
             capture_output=True,
             text=True,
@@ -238,19 +268,22 @@ def deployed(
     Yields once every service is healthy with ``cpu_workers`` cpu replicas. The
     stack goes with the hosts (tests/compose/hosts.py), so is not removed here.
     """
-    deployment = SwarmStack(name, new_stack(name, **settings), tuple(hosts))
+    deployment = SwarmStack(name, new_stack(name, **settings), tuple(hosts), secrets_dir)
     env = {
         **deployment.stack.env,
         "TASKSTACK_IMAGE": deployment.image,
         "TASKSTACK_REDIS_IMAGE": deployment.redis_image,
         "TASKSTACK_PROMETHEUS_IMAGE": deployment.prometheus_image,
         "TASKSTACK_SECRETS_DIR": str(secrets_dir),
+        # The server certificate also names the hosts, for clients through published ports.
+        "REDIS_TLS_NAMES": ",".join(host.address for host in hosts),
     }
     failed_before = request.session.testsfailed
     deployment.stack.compose("build")  # the images stack.yaml runs, as the README builds them
     ship_images([deployment.image, deployment.redis_image, deployment.prometheus_image], hosts)
     form_swarm(hosts, redis_hosts)
-    # The secrets are the stack's passwords, taken from the environment.
+    # Flower's password and the signing secret come from the environment; the Redis
+    # users' passwords and the TLS certificates are made by the script.
     run(str(ROOT / "scripts" / "swarm-secrets"), env=env)
     compose_files = [arg for path in files for arg in ("--compose-file", str(path))]
     deployment.manager.docker(

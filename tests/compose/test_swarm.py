@@ -6,11 +6,12 @@ built here are loaded. The engine the tests run on never joins a swarm. What
 differs from compose.yaml is tested here: services reach Redis by name over the
 encrypted overlay without depends_on, passwords come from Docker secrets as
 files, clients run on the attachable network, and the ports of
-expose.stack.yaml require authentication.
+expose.stack.yaml require authentication: Redis over TLS, with a user per role.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -21,10 +22,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from taskstack import names
+from taskstack.connections import connect
 from tests.compose.conftest import CPU_WORKERS, ROOT
 from tests.compose.hosts import private_hosts, require_private_hosts
 from tests.compose.swarm import SERVICES, SwarmStack, deployed
 from tests.support import wait_for
+
+USERS = ("admin", "worker", "client", "monitor", "replica", "sentinel")
+"""The Redis users of scripts/swarm-secrets."""
 
 pytestmark = [pytest.mark.compose, pytest.mark.swarm, pytest.mark.timeout(900)]
 
@@ -80,17 +85,51 @@ def test_exposed_flower_lists_every_worker_and_requires_auth(swarm: SwarmStack) 
     wait_for(lambda: listed() == expected, 60, f"Flower to list {sorted(expected)}")
 
 
-def test_exposed_redis_requires_the_password(swarm: SwarmStack) -> None:
+def test_exposed_redis_speaks_tls_only_and_checks_its_certificate(swarm: SwarmStack) -> None:
     host, port = swarm.manager.address, swarm.stack.redis_port
-    anonymous = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0))
-    client = redis.Redis(host=host, port=port, password=swarm.stack.redis_password)
+    plaintext = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), socket_timeout=10)
+    # Without the stack's CA: the system's CAs, as a client that was not given the file.
+    no_ca = connect(swarm.client_settings.redis_url)
+    client = connect(swarm.client_settings.redis_address)
     try:
-        with pytest.raises(redis.AuthenticationError):
-            anonymous.ping()
+        with pytest.raises(redis.ConnectionError):
+            plaintext.ping()
+        with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+            no_ca.ping()
         assert client.ping() is True
     finally:
-        anonymous.close()
-        client.close()
+        for each in (plaintext, no_ca, client):
+            each.close()
+
+
+@pytest.mark.parametrize(
+    ("user", "command"),
+    [
+        ("client", ("FLUSHALL",)),
+        ("client", ("CONFIG", "GET", "*")),
+        ("client", ("KEYS", "*")),
+        ("client", ("LRANGE", names.reply_key("client-other", "0" * 32), 0, -1)),
+        ("monitor", ("SET", "anything", "1")),
+        ("monitor", ("LPUSH", names.CPU_QUEUE, "{}")),
+        ("monitor", ("DEL", "unacked")),
+        ("monitor", ("FLUSHALL",)),
+        ("default", ("PING",)),
+    ],
+)
+def test_exposed_redis_refuses_each_role_what_it_may_not(
+    swarm: SwarmStack, user: str, command: tuple[object, ...]
+) -> None:
+    if user == "default":  # turned off: its password is no secret, it has none
+        settings = swarm.client_settings
+        url = settings.redis_url.replace(f"client:{swarm.password('client')}@", ":any@")
+        anyone = connect(dataclasses.replace(settings, redis_url=url).redis_address)
+        with anyone, pytest.raises(redis.AuthenticationError):
+            anyone.execute_command(*command)  # type: ignore[no-untyped-call]
+        return
+    with connect(swarm.settings_as(user).redis_address) as client:
+        assert client.ping() is True
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.execute_command(*command)
 
 
 def test_secrets_stay_out_of_specs_environments_and_command_lines(swarm: SwarmStack) -> None:
@@ -100,7 +139,8 @@ def test_secrets_stay_out_of_specs_environments_and_command_lines(swarm: SwarmSt
     inspected = docker("inspect", *ids)
     processes = "".join(docker("top", container) for container in ids)
     stack = swarm.stack
-    for secret in (stack.redis_password, stack.flower_password, stack.secret):
+    passwords = [swarm.password(user) for user in USERS]
+    for secret in (*passwords, stack.flower_password, stack.secret):
         assert secret not in specs
         assert secret not in inspected  # the containers' environment and arguments
         assert secret not in processes

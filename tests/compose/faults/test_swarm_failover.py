@@ -23,7 +23,7 @@ import pytest
 
 from tests.compose.conftest import Row
 from tests.compose.hosts import Host, private_hosts, require_private_hosts
-from tests.compose.swarm import REDIS_SERVICES, SENTINELS, SwarmStack, deployed
+from tests.compose.swarm import REDIS_SERVICES, SwarmStack, deployed
 from tests.compose.test_swarm_hosts import stack_files
 from tests.support import wait_for
 
@@ -80,11 +80,15 @@ class ThreeHosts:
         return self.hosts[REDIS_HOSTS[int(service.rpartition("-")[2]) - 1]]
 
     def redis_cli(self, service: str, *command: str) -> str:
-        """``redis-cli`` in ``service``'s container, the password from its secret (not argv)."""
+        """``redis-cli`` in ``service``'s container, as user admin over TLS, the password from
+        its secret (not argv)."""
         host = self.host_of(service)
         (container,) = self.deployment.containers(service, host)
         port = "26379" if service.startswith("sentinel") else "6379"
-        script = 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" exec redis-cli --raw "$@"'
+        script = (
+            'REDISCLI_AUTH="$(cat /run/secrets/redis_user_admin)" exec redis-cli --user admin'
+            ' --tls --cacert /run/secrets/redis_ca.crt --raw "$@"'
+        )
         return host.docker("exec", container, "sh", "-c", script, "sh", "-p", port, *command)
 
     def address(self, service: str) -> str | None:
@@ -109,27 +113,14 @@ class ThreeHosts:
         return {key: value.strip() for key, value in pairs}
 
     def start_client(self, key: str, items: int) -> Client:
-        stack = self.deployment.stack
-        argv = [
-            *self.deployment.manager.docker.argv(
-                "run", "--rm", "--interactive", "--network", self.deployment.network
-            ),
-            # Values come from this process's environment: they stay off the argv.
-            *("--env", "REDIS_URL=redis://redis-1:6379/0", "--env", "REDIS_PASSWORD"),
-            *("--env", f"REDIS_SENTINELS={SENTINELS}", "--env", "TASKSTACK_SECRET"),
-            *(self.deployment.image, "python", "-", key, str(items)),
-        ]
+        argv, env = self.deployment.client_container("python", "-", key, str(items))
         process = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={
-                **stack.env,
-                "REDIS_PASSWORD": stack.redis_password,
-                "TASKSTACK_SECRET": stack.secret,
-            },
+            env=env,
         )
         assert process.stdin is not None
         process.stdin.write(CLIENT.read_text())
