@@ -46,7 +46,7 @@ class Settings:
     redis_tls_ca_file: str = ""
     """Path of the CA certificate that a ``rediss://`` Redis (and its Sentinels) must present
     a certificate from (``scripts/swarm-certs`` makes one); empty: the system's CAs. The
-    server's name is always checked against its certificate."""
+    server's name is checked too, but for a primary that Sentinels name by address."""
     cpu_concurrency: int | None = None
     """Processes of a ``cpu`` worker; ``None`` means the CPUs this process may use."""
     io_concurrency: int = 16

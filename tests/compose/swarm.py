@@ -117,12 +117,10 @@ class SwarmStack:
         """``docker run`` of a client of the stack on its overlay network, as Redis user
         ``client`` over TLS (the CA mounted), and the environment that argv needs: values
         come from it, so that they stay off the argv."""
-        ca = self.secrets.parent / "client-ca.crt"  # readable by the image's own user
-        ca.write_bytes(self.ca.read_bytes())
-        ca.chmod(0o644)
         argv = [
             *self.manager.docker.argv("run", "--rm", "--interactive", "--network", self.network),
-            *("--volume", f"{ca}:/run/taskstack/redis_ca.crt:ro"),
+            # As docs/deployment.md mounts it (swarm-certs makes it readable by all).
+            *("--volume", f"{self.ca}:/run/taskstack/redis_ca.crt:ro"),
             *("--env", "REDIS_URL=rediss://client@redis-1:6379/0", "--env", "REDIS_PASSWORD"),
             *("--env", "REDIS_TLS_CA_FILE=/run/taskstack/redis_ca.crt"),
             *("--env", f"REDIS_SENTINELS={SENTINELS}", "--env", "TASKSTACK_SECRET"),
