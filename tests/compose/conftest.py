@@ -27,6 +27,7 @@ import pytest
 
 from taskstack import names
 from taskstack.settings import ENV_VARS, Settings
+from tests.compose import secure
 from tests.compose.faults.report import Row as Row
 from tests.support import ROOT as ROOT
 from tests.support import free_port, http_get, print_past_capture, require, run, tracebacks
@@ -103,6 +104,8 @@ class Stack:
     files: tuple[Path, ...] = ()
     """Compose files merged over compose.yaml (e.g. compose.ha.yaml): give them with
     ``dataclasses.replace(new_stack(...), files=...)``."""
+    secrets: Path | None = None
+    """scripts/swarm-secrets' files, with compose.tls.yaml (:func:`secure.with_tls`)."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -123,15 +126,28 @@ class Stack:
             # Its own image tags: a test run leaves the developer's taskstack:local alone.
             TASKSTACK_TAG=f"test-{RUN}" if RUN else "test",
         )
+        if self.secrets:
+            env.update(secure.environment(self.secrets))
         return env
 
     @property
     def client_settings(self) -> Settings:
-        """Settings of a client on the host, through the published Redis port."""
+        """Settings of a client on the host, through the published Redis port (over TLS as
+        user ``client``, with compose.tls.yaml)."""
+        return self.settings_as("client")
+
+    def settings_as(self, user: str) -> Settings:
+        """:attr:`client_settings` as another Redis user (with compose.tls.yaml)."""
+        url = f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0"
+        tls = {}
+        if self.secrets:
+            url = secure.url(self.secrets, user, f"127.0.0.1:{self.redis_port}")
+            tls = {"REDIS_TLS_CA_FILE": str(self.secrets / "redis_ca.crt")}
         return Settings.from_env(
             {
                 **self.settings,
-                "REDIS_URL": f"redis://:{self.redis_password}@127.0.0.1:{self.redis_port}/0",
+                **tls,
+                "REDIS_URL": url,
                 "TASKSTACK_SECRET": self.secret,
                 "FLOWER_PASSWORD": self.flower_password,
             }
@@ -139,7 +155,10 @@ class Stack:
 
     @property
     def internal_redis_url(self) -> str:
-        """Redis as the containers reach it: by service name, on the compose network."""
+        """Redis as the containers reach it: by service name, on the compose network (as
+        user ``worker``, with compose.tls.yaml)."""
+        if self.secrets:
+            return secure.internal_url(self.secrets)
         return f"redis://:{self.redis_password}@redis:6379/0"
 
     @property

@@ -13,6 +13,7 @@ from tests.compose.conftest import CPU_WORKERS, Stack, docker, new_stack, runnin
 from tests.compose.faults import work
 from tests.compose.faults.report import report_setup
 from tests.compose.faults.stack import FAULTS
+from tests.compose.secure import with_tls
 
 HERE = Path(__file__).parent
 
@@ -35,16 +36,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="package")
-def faults(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """The stack with short timeouts; worker-side test functions travel by value."""
-    stack = new_stack("taskstack-faults", **FAULTS)
+def faults(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The stack with short timeouts, Redis over TLS with a user per role (compose.tls.yaml);
+    worker-side test functions travel by value."""
+    stack = with_tls(new_stack("taskstack-faults", **FAULTS), tmp_path_factory.mktemp("secrets"))
     cloudpickle.register_pickle_by_value(work)
     with running(request, stack):
         engine = docker("version", "--format", "{{.Server.Version}}").strip()
         report_setup(
             request.config,
-            stack=f"compose.yaml with --scale worker-cpu={CPU_WORKERS}, one prefork process "
-            "per available CPU in each",
+            stack=f"compose.yaml and compose.tls.yaml (Redis over TLS, a Redis user per role) "
+            f"with --scale worker-cpu={CPU_WORKERS}, one prefork process per available CPU in each",
             settings=" ".join(f"{name}={value}" for name, value in FAULTS.items()),
             machine=f"{os.cpu_count()} CPUs, Docker {engine}",
         )

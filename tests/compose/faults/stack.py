@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from taskstack import names
+from taskstack.connections import connect
 from taskstack.worker.leases import RENEWALS_PER_LEASE
 from tests.compose.conftest import (
     CPU_WORKERS,
@@ -81,7 +82,9 @@ def gone_or_restarted(container: str, began: str) -> str:
 
 
 def host_redis(stack: Stack) -> redis.Redis:
-    return redis.Redis.from_url(stack.client_settings.redis_url)
+    """An operator's client (user ``admin`` with compose.tls.yaml): it reads and writes the
+    workers' keys, which a client user may not."""
+    return connect(stack.settings_as("admin").redis_address)
 
 
 def queued_ids(client: redis.Redis, queue: str = names.CPU_QUEUE) -> dict[str, bool]:

@@ -10,6 +10,7 @@ import pytest
 
 from taskstack import ClusterExecutor, names
 from taskstack.app import create_app
+from taskstack.connections import connect
 from tests.compose.conftest import Row, Stack, docker
 from tests.compose.faults import work
 from tests.compose.faults.stack import (
@@ -50,10 +51,13 @@ def test_bad_entries_go_to_the_dead_letters_and_no_worker_restarts(
     pushed.append((names.CPU_QUEUE, "bzip2 bomb (256 MiB)", bomb_entry(), "compressed"))
     pushed += [(names.IO_QUEUE, name, raw, why) for _, name, raw, why in pushed if name in ON_IO]
 
+    # Pushed as someone holding a client's Redis password may.
+    attacker = connect(faults.client_settings.redis_address)
     with ClusterExecutor(settings=faults.client_settings) as executor:
         sent_at = time.time()
         for queue, _, raw, _ in pushed:
-            client.lpush(queue, raw)
+            attacker.lpush(queue, raw)
+        attacker.close()
         # Work queued behind them, on both queues.
         waits = [app.send_task(names.WAIT, (0.1,)) for _ in range(10)]
         behind = list(executor.map(work.cube, range(BEHIND)))
