@@ -1,9 +1,11 @@
 #!/bin/sh
 # Starts redis-server with the password from REDIS_PASSWORD, or from the file
-# REDIS_PASSWORD_FILE names (a Docker secret in stack.yaml). The password goes
-# into an include file, never onto a command line: `ps` on the host lists the
-# container's processes with their arguments. Its size, maxmemory, comes from
-# REDIS_MAXMEMORY.
+# REDIS_PASSWORD_FILE names; or, with REDIS_USERS_DIR (stack.yaml, compose.tls.yaml),
+# with a user per role from its files redis_user_<name> (Docker secrets) and the
+# default user off; with REDIS_TLS_CERT_FILE, over TLS only (taskstack-redis.sh).
+# Passwords go into an include file, never onto a command line: `ps` on the host
+# lists the container's processes with their arguments. Its size, maxmemory,
+# comes from REDIS_MAXMEMORY.
 set -eu
 
 . /usr/local/lib/taskstack-redis.sh
@@ -39,8 +41,6 @@ esac
 auth_file=/tmp/taskstack-redis-auth.conf
 umask 077
 rm -f "$auth_file"
-# Inside a double-quoted config value, backslash and double quote need escaping.
-# printf is a shell builtin and sed reads the password from stdin: no argv.
 if [ -n "${REDIS_USERS_DIR:-}" ]; then
   acl_users /usr/local/etc/redis/users.acl > "$auth_file"
   replication_user=replica
@@ -49,6 +49,8 @@ if [ -n "${REDIS_USERS_DIR:-}" ]; then
   export REDISCLI_USER
   REDIS_PASSWORD=$(user_password sentinel)  # asks the Sentinels and the servers
 else
+  # Inside a double-quoted config value, backslash and double quote need escaping.
+  # printf is a shell builtin and sed reads the password from stdin: no argv.
   printf '%s' "$REDIS_PASSWORD" | sed 's/[\\"]/\\&/g; s/^/requirepass "/; s/$/"/' > "$auth_file"
   echo >> "$auth_file"  # ends the requirepass line
   replication_user=

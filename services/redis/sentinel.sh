@@ -4,7 +4,9 @@
 # Sentinel rewrites its config file as it learns, so the file is written here,
 # in the container, never on a command line: it requires the password of its
 # clients (requirepass), and uses it with the Redis servers (auth-pass) and the
-# other Sentinels (sentinel-pass).
+# other Sentinels (sentinel-pass). With REDIS_USERS_DIR (stack.yaml), its clients
+# are the stack's users instead (sentinel-users.acl), and it is user sentinel to
+# Redis and to the other Sentinels; with REDIS_TLS_CERT_FILE, TLS only.
 #   SENTINEL_ANNOUNCE_HOSTNAME  its own DNS name, for its messages
 #   SENTINEL_QUORUM             Sentinels that must agree a primary is down (2)
 #   SENTINEL_DOWN_AFTER_MS      silence before one thinks so (5000)
