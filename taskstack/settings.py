@@ -35,8 +35,9 @@ class Settings:
     each field from the variable :data:`ENV_VARS` names for it."""
 
     redis_url: str = _default_redis_url()
-    """Broker and result backend, ``redis://:PASSWORD@HOST:PORT/DB``; a password is required.
-    With ``REDIS_SENTINELS``, only its password and database count."""
+    """Broker and result backend, ``redis://[USER]:PASSWORD@HOST:PORT/DB`` (``rediss://``:
+    TLS); a password is required. With ``REDIS_SENTINELS``, only its scheme, user,
+    password and database count."""
     redis_sentinels: tuple[str, ...] = ()
     """Redis Sentinels, ``HOST:PORT,HOST:PORT``, that name the current primary: every
     connection follows it across a failover. They take ``REDIS_URL``'s password. Empty:
