@@ -6,6 +6,7 @@ One invocation, one machine:
     python scripts/bench.py                      # starts a private redis-server + cpu worker
     python scripts/bench.py --repeat 1 --tiny 2000 --large 40 --shared-calls 100   # quick
     python scripts/bench.py --workloads shared --methods "joblib (loky),ClusterExecutor.map"
+    python scripts/bench.py --workloads tiny --methods ClusterExecutor.map --probes none --tls-overhead
     REDIS_URL=redis://:pw@host:6379/0 TASKSTACK_SECRET=... python scripts/bench.py --use-running
 
 Workloads (``WORKLOADS``): many tiny items (~0.1 ms each), fewer larger ones
@@ -611,6 +612,11 @@ def main() -> None:
         action="store_true",
         help="also time the tiny workload with the workers' item metrics on and off",
     )
+    add(
+        "--tls-overhead",
+        action="store_true",
+        help="also time a single call and the tiny workload over TLS with Redis users and without",
+    )
     args = parser.parse_args()
     methods = [METHODS[n] for n in _names(args.methods, METHODS, "method")]
     workloads = [WORKLOADS[n](args) for n in _names(args.workloads, WORKLOADS, "workload")]
@@ -624,12 +630,20 @@ def main() -> None:
         report = run(bench, methods, workloads, probes)
     if args.metrics_overhead:
         report["metrics_overhead"] = metrics_overhead(args)
+    if args.tls_overhead:
+        from scripts.bench_tls import tls_overhead  # which imports this module
+
+        report["tls_overhead"] = tls_overhead(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / "bench.png")
     print(table(report))
     if args.metrics_overhead:
         print(metrics_table(report["metrics_overhead"]))
+    if args.tls_overhead:
+        from scripts.bench_tls import tls_table
+
+        print(tls_table(report["tls_overhead"]))
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
 
 

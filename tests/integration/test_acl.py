@@ -2,7 +2,7 @@
 
 The redis-server takes the users and TLS lines that the image's entrypoint writes
 (services/redis/lib.sh, from users.acl and the password files), and the certificates
-of ``scripts/swarm-certs``. A worker connects as ``worker``, Flower as ``monitor``,
+of ``scripts/swarm-certs`` (``scripts/bench_tls.py`` starts it, for its benchmark too). A worker connects as ``worker``, Flower as ``monitor``,
 the executor, Pool, joblib and a plain task as ``client``: everything runs, and Redis's
 ``ACL LOG`` stays empty, which is how users.acl was derived. Then each refusal that the
 roles promise is asked for.
@@ -10,9 +10,8 @@ roles promise is asked for.
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,92 +20,50 @@ import joblib
 import pytest
 import redis
 
+from scripts.bench_tls import TlsRedis, tls_redis
 from taskstack import ClusterExecutor, Pool, names
 from taskstack.app import create_app
 from taskstack.connections import connect
 from taskstack.settings import Settings
 from tests.integration import work
-from tests.support import Service, Worker, free_port, start, start_flower, wait_for
+from tests.support import Worker, require, start_flower, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-ROOT = Path(__file__).resolve().parents[2]
-REDIS_DIR = ROOT / "services" / "redis"
 USERS = ("admin", "worker", "client", "client-b", "monitor", "replica", "sentinel")
 
 
 @dataclass
 class SecureRedis:
-    port: int
-    ca: Path
-    passwords: dict[str, str]
-    service: Service
+    server: TlsRedis
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def passwords(self) -> dict[str, str]:
+        return self.server.passwords
 
     def settings(self, base: Settings, user: str) -> Settings:
-        return replace(
-            base,
-            redis_url=f"rediss://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0",
-            redis_tls_ca_file=str(self.ca),
-        )
+        return replace(base, redis_url=self.server.url(user), redis_tls_ca_file=str(self.server.ca))
 
     def client(self, user: str, **options: object) -> redis.Redis:
-        tls = {"ssl": True, "ssl_ca_certs": str(self.ca), "ssl_cert_reqs": "required"}
+        tls = {"ssl": True, "ssl_ca_certs": str(self.server.ca), "ssl_cert_reqs": "required"}
         kwargs = {**tls, "socket_timeout": 5.0, **options}
         return redis.Redis(port=self.port, username=user, password=self.passwords[user], **kwargs)  # type: ignore[arg-type]
 
 
-def lib_sh(function: str, *args: str, env: dict[str, str]) -> str:
-    """Output of a function of the image's services/redis/lib.sh, run here by sh."""
-    script = f'. "{REDIS_DIR}/lib.sh" && {function} "$@"'
-    result = subprocess.run(
-        ["sh", "-c", script, "lib.sh", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
 def secure_redis(tmp_path_factory: pytest.TempPathFactory, logs_dir: Path) -> Iterator[SecureRedis]:
-    secrets_dir = tmp_path_factory.mktemp("secrets")
-    subprocess.run(
-        [ROOT / "scripts" / "swarm-certs"],
-        env={**os.environ, "TASKSTACK_SECRETS_DIR": str(secrets_dir)},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    passwords = {user: secrets.token_urlsafe(16) for user in USERS}
-    for user, password in passwords.items():
-        (secrets_dir / f"redis_user_{user}").write_text(password)
-    port = free_port()
-    tls = {
-        "REDIS_TLS_CERT_FILE": str(secrets_dir / "redis_tls.crt"),
-        "REDIS_TLS_KEY_FILE": str(secrets_dir / "redis_tls.key"),
-        "REDIS_TLS_CA_FILE": str(secrets_dir / "redis_ca.crt"),
-    }
-    users = lib_sh(
-        "acl_users", str(REDIS_DIR / "users.acl"), env={"REDIS_USERS_DIR": str(secrets_dir)}
-    )
-    data = tmp_path_factory.mktemp("redis-tls")
-    config = data / "redis.conf"
-    config.write_text(
-        f"bind 127.0.0.1\ndir {data}\nappendonly no\nsave ''\n{users}"
-        + lib_sh("tls_config", str(port), env=tls)
-    )
-    config.chmod(0o600)
-    service = start("redis-tls", ["redis-server", str(config)], dict(os.environ), logs_dir)
-    stack = SecureRedis(port, secrets_dir / "redis_ca.crt", passwords, service)
-    with stack.client("admin") as admin:
-        wait_for(admin.ping, 20, f"redis-server over TLS (log: {service.log})")
-        admin.acl_log_reset()
-    yield stack
-    with stack.client("admin") as admin:  # what was refused, for the log
-        (logs_dir / "redis-tls-acl.log").write_text("\n".join(map(str, admin.acl_log(count=100))))
-    service.stop()
+    """The redis-server of ``scripts/bench.py --tls-overhead``: the image's ACL and TLS lines."""
+    require(shutil.which("redis-server") is not None, "redis-server")
+    with tls_redis(tmp_path_factory.mktemp("redis-tls"), 1024**3, users=USERS) as server:
+        stack = SecureRedis(server)
+        yield stack
+        with stack.client("admin") as admin:  # what was refused, for the log
+            refused = admin.acl_log(count=100)
+        (logs_dir / "redis-tls-acl.log").write_text("\n".join(map(str, refused)))
 
 
 @pytest.fixture(scope="module")
