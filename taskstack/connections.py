@@ -15,6 +15,9 @@ connections for redis-py clients, kombu's Sentinel transport and Celery's Sentin
 result backend for the app. A failover (sentinels' ``CLIENT KILL`` on the demoted
 primary, or the primary's death) breaks every connection to it, so blocked calls
 (``BRPOP``, ``BLPOP``) end too, and their retries reach the new primary.
+
+Over TLS (``rediss://``, ``rediss+sentinel://``), every one of them checks the server's
+certificate against ``REDIS_TLS_CA_FILE``'s CA (:func:`tls_options`).
 """
 
 from __future__ import annotations
