@@ -146,7 +146,11 @@ acl_users() {
     hash=$(printf '%s' "$(cat "$file")" | sha256sum | cut -d' ' -f1)
     echo "user $name reset on #$hash$(printf '%s' "$rules" | sed "s/{name}/$name/g")"
   done
-  echo "user default reset off"
+  # Off and without a password: no connection can be the default user. Its rules are
+  # Redis's own AOF replay's, which runs as the default user: with none, Redis 7 drops
+  # every MULTI/EXEC block of the append-only file on restart (NOPERM at EXEC; fixed in
+  # redis/redis#14545, not in 7.x).
+  echo "user default reset off ~* &* +@all"
 }
 
 # -- TLS ----------------------------------------------------------------------------

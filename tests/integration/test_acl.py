@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,13 +21,13 @@ import joblib
 import pytest
 import redis
 
-from scripts.bench_tls import TlsRedis, tls_redis
+from scripts.bench_tls import REDIS_DIR, TlsRedis, lib_sh, tls_redis
 from taskstack import ClusterExecutor, Pool, names
 from taskstack.app import create_app
 from taskstack.connections import connect
 from taskstack.settings import Settings
 from tests.integration import work
-from tests.support import Worker, require, start_flower, wait_for
+from tests.support import Worker, free_port, require, start_flower, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -167,3 +168,42 @@ def test_plaintext_to_the_tls_port_is_refused(secure_redis: SecureRedis) -> None
     with pytest.raises(redis.ConnectionError):
         client.ping()
     client.close()
+
+
+def test_a_restart_replays_every_transaction_of_the_append_only_file(tmp_path: Path) -> None:
+    # Redis replays its append-only file as the default user, which the stack turns off:
+    # with no rules of its own, Redis 7 dropped every MULTI/EXEC block of it (NOPERM).
+    for user in ("worker", "admin"):
+        (tmp_path / f"redis_user_{user}").write_text(user)
+    users = lib_sh(
+        "acl_users", str(REDIS_DIR / "users.acl"), env={"REDIS_USERS_DIR": str(tmp_path)}
+    )
+    port = free_port()
+    config = tmp_path / "redis.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nappendonly yes\nsave ''\n{users}"
+    )
+    client = redis.Redis(port=port, username="worker", password="worker", socket_timeout=5)
+    admin = redis.Redis(port=port, username="admin", password="admin", socket_timeout=5)
+
+    def restarted() -> subprocess.Popen[bytes]:
+        server = subprocess.Popen(["redis-server", str(config)], stdout=subprocess.DEVNULL)
+        wait_for(client.ping, 20, "redis-server")
+        return server
+
+    server = restarted()
+    with client.pipeline(transaction=True) as pipe:  # as kombu keeps a delivered message
+        pipe.hset("unacked", "tag", "message")
+        pipe.zadd("unacked_index", {"tag": 1})
+        pipe.execute()
+    admin.shutdown()  # writes the append-only file out
+    server.wait(timeout=20)
+    server = restarted()
+    try:
+        assert client.hget("unacked", "tag") == b"message"
+        assert client.zcard("unacked_index") == 1
+    finally:
+        admin.shutdown(nosave=True)
+        server.wait(timeout=20)
+        client.close()
+        admin.close()
