@@ -17,6 +17,7 @@ from kombu import Queue
 from kombu.serialization import dumps
 
 from taskstack import names as c
+from taskstack import restores
 from taskstack.connections import REDIS_CONNECTION, kombu_broker
 from taskstack.errors import PayloadTooLarge
 from taskstack.settings import Settings
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> Celery:
     """Build the stack's Celery app from ``settings``."""
     # With Sentinels, kombu's Sentinel transport and Celery's Sentinel backend ask them
     # for the primary at each (re)connection (taskstack/connections.py).
+    restores.install()
     broker, sentinel_options, tls = kombu_broker(settings.redis_address)
     app = App("taskstack", broker=broker, backend=broker)
     # Redis has no real acks: kombu keeps each delivered, unacknowledged message in
@@ -76,6 +78,8 @@ def create_app(settings: Settings) -> Celery:
         "unacked_restore_throttle": 1,
         "unacked_restore_limit": None,
         "unacked_mutex_expire": math.ceil(settings.lease_seconds),
+        # ...but only a worker's consumers restore: taskstack.restores.
+        c.RESTORES_OPTION: False,
         **sentinel_options,
     }
     app.conf.update(

@@ -119,6 +119,10 @@ REDIS_SETTING: Final = "taskstack_redis_backend"
 """The broker as :func:`taskstack.connections.connect` takes it: a Redis, or its Sentinels.
 Named a *backend* so that Celery hides its password, as for the shared data's."""
 
+RESTORES_OPTION: Final = "taskstack_restores"
+"""Broker transport option: this app's consumers put lost consumers' messages back in their
+queues (a worker's only; see :mod:`taskstack.restores`)."""
+
 SECRET_SETTING: Final = "taskstack_secret"
 """The signing secret (Celery masks keys naming SECRET when a worker's config is inspected)."""
 

@@ -94,29 +94,6 @@ def cap_event_reconnect_interval() -> None:
     Events.run = capped
 
 
-def leave_restores_to_workers() -> None:
-    """Keep Flower's kombu channels from putting back other consumers' lost messages.
-
-    Every kombu consumer of the Redis transport, Flower's event and control-reply
-    consumers too, periodically takes the ``unacked_mutex`` and moves messages whose
-    claim expired back to their queues (``QoS.restore_visible``): writes. Flower
-    connects as the read-only ``monitor`` user (services/redis/users.acl), which Redis
-    refuses them, and the ``NOPERM`` failed its inspect calls. The workers restore
-    those messages anyway (taskstack.worker.leases): Flower, which consumes no task,
-    leaves it to them. Only the Flower process is changed.
-    """
-    from kombu.transport.redis import QoS
-
-    if not getattr(QoS.restore_visible, "__wrapped__", None):
-        restore = QoS.restore_visible
-        QoS.restore_visible = _no_restore
-        _no_restore.__wrapped__ = restore  # type: ignore[attr-defined]
-
-
-def _no_restore(self: Any, *args: Any, **kwargs: Any) -> None:
-    """``QoS.restore_visible`` in Flower: nothing (see :func:`leave_restores_to_workers`)."""
-
-
 def _capture_events_with_capped_pause(self: Any) -> None:
     """Flower's ``Events.run``, its pause capped at :data:`EVENTS_RETRY_MAX_SECONDS`."""
     from celery.events import EventReceiver
@@ -153,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
     require_auth_for_metrics()
     cap_event_reconnect_interval()
-    leave_restores_to_workers()
     app = create_app(settings)
     app.start([*flower_argv(args.port, args.address, args.db), *extra])
 

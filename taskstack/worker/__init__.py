@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from taskstack import names
 from taskstack.capacity import CapacityBeacon
 from taskstack.worker import base, heap, shutdown, timelimits
 from taskstack.worker.leases import Leases
@@ -20,6 +21,8 @@ def install(app: Celery) -> None:
     if "Task" in vars(app):
         raise RuntimeError("install() must come before the app makes its first task")
     app.task_cls = base.Task
+    # Its consumers put back what lost workers held (taskstack.restores).
+    app.conf.broker_transport_options[names.RESTORES_OPTION] = True
     heap.install()
     app.steps["worker"].add(CapacityBeacon)
     app.steps["consumer"].add(Leases)

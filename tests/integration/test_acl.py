@@ -95,6 +95,10 @@ def test_every_role_does_its_work_and_redis_refuses_nothing(
         app = create_app(client)
         try:
             assert app.send_task(names.COUNT_PRIMES, args=[0, 1000]).get(timeout=30) == 168
+            # Celery's control, with its replies: the client user may ask the workers too.
+            assert app.control.ping(destination=[secure_worker.node], timeout=5)
+            stats = app.control.inspect(destination=[secure_worker.node], timeout=5).stats()
+            assert secure_worker.node in (stats or {})
         finally:
             app.close()
         status, body = flower.get("/api/workers?refresh=1")
