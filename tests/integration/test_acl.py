@@ -190,24 +190,27 @@ def test_a_restart_replays_every_transaction_of_the_append_only_file(tmp_path: P
     client = redis.Redis(port=port, username="worker", password="worker", socket_timeout=5)
     admin = redis.Redis(port=port, username="admin", password="admin", socket_timeout=5)
 
-    def restarted() -> subprocess.Popen[bytes]:
-        server = subprocess.Popen(["redis-server", str(config)], stdout=subprocess.DEVNULL)
-        wait_for(client.ping, 20, "redis-server")
-        return server
+    servers: list[subprocess.Popen[bytes]] = []
 
-    server = restarted()
-    with client.pipeline(transaction=True) as pipe:  # as kombu keeps a delivered message
-        pipe.hset("unacked", "tag", "message")
-        pipe.zadd("unacked_index", {"tag": 1})
-        pipe.execute()
-    admin.shutdown()  # writes the append-only file out
-    server.wait(timeout=20)
-    server = restarted()
+    def restarted() -> None:
+        servers.append(subprocess.Popen(["redis-server", str(config)], stdout=subprocess.DEVNULL))
+        wait_for(client.ping, 20, "redis-server")
+
     try:
+        restarted()
+        with client.pipeline(transaction=True) as pipe:  # as kombu keeps a delivered message
+            pipe.hset("unacked", "tag", "message")
+            pipe.zadd("unacked_index", {"tag": 1})
+            pipe.execute()
+        admin.shutdown()  # writes the append-only file out
+        servers[-1].wait(timeout=20)
+        restarted()
         assert client.hget("unacked", "tag") == b"message"
         assert client.zcard("unacked_index") == 1
     finally:
-        admin.shutdown(nosave=True)
-        server.wait(timeout=20)
+        for server in servers:  # whatever failed, no redis-server outlives the test
+            if server.poll() is None:
+                server.kill()
+                server.wait(timeout=20)
         client.close()
         admin.close()
