@@ -22,6 +22,7 @@ import pytest
 
 from taskstack import names
 from taskstack.settings import Settings
+from tests.compose import secure
 from tests.compose.cli import LOCAL, run
 from tests.compose.conftest import ROOT, Stack, new_stack
 from tests.compose.hosts import Host
@@ -54,7 +55,7 @@ class SwarmStack:
 
     def password(self, user: str) -> str:
         """The password of a Redis user of the stack (services/redis/users.acl)."""
-        return (self.secrets / f"redis_user_{user}").read_text()
+        return secure.password(self.secrets, user)
 
     @property
     def ca(self) -> Path:
@@ -100,18 +101,14 @@ class SwarmStack:
     def client_settings(self) -> Settings:
         """Settings of a client on this machine, through the port Redis publishes on its host:
         over TLS, as user ``client``."""
-        host = f"{self.manager.address}:{self.stack.redis_port}"
-        url = f"rediss://client:{self.password('client')}@{host}/0"
-        return dataclasses.replace(
-            self.stack.client_settings, redis_url=url, redis_tls_ca_file=str(self.ca)
-        )
+        return self.settings_as("client")
 
     def settings_as(self, user: str) -> Settings:
         """:attr:`client_settings` of another Redis user of the stack."""
-        url = self.client_settings.redis_url.replace(
-            f"client:{self.password('client')}@", f"{user}:{self.password(user)}@"
+        url = secure.url(self.secrets, user, f"{self.manager.address}:{self.stack.redis_port}")
+        return dataclasses.replace(
+            self.stack.client_settings, redis_url=url, redis_tls_ca_file=str(self.ca)
         )
-        return dataclasses.replace(self.client_settings, redis_url=url)
 
     def client_container(self, *command: str) -> tuple[list[str], dict[str, str]]:
         """``docker run`` of a client of the stack on its overlay network, as Redis user
